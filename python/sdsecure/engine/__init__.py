@@ -7,3 +7,37 @@
         "onnxruntime" (reference). Raises UnsupportedOpError before compiling anything.
     Session.input_names / .output_names / .run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]
 """
+
+from __future__ import annotations
+
+from typing import Mapping, Protocol, Sequence
+
+import numpy as np
+
+from sdsecure.errors import UserError
+
+BACKENDS = ("max", "onnxruntime")
+
+
+class Session(Protocol):
+    input_names: list[str]
+    output_names: list[str]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+
+def create_session(model, weights: Mapping[str, np.ndarray], input_shapes: Mapping[str, Sequence[int]], *,
+                   backend: str = "max", name: str = "") -> Session:
+    """A runnable session for `model` specialised to `input_shapes` (see the module docstring)."""
+    if backend == "max":
+        from sdsecure.engine.runtime import MaxSession
+
+        return MaxSession(model, weights, input_shapes, name=name)
+    if backend in ("onnxruntime", "ort"):
+        from sdsecure.engine.ort import OrtSession
+
+        return OrtSession(model, weights, input_shapes, name=name)
+    raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+
+
+__all__ = ["BACKENDS", "Session", "create_session"]

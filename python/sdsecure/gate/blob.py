@@ -65,30 +65,89 @@ def read_blob(fd: int, size: int, name: str, on_progress: Callable[[int], None] 
         h.update(data)
         return Blob(data, h.hexdigest(), size)
 
-    # Large file: stream into a sealed memfd; the hash covers exactly the bytes stored.
-    mfd = _sealed_memfd(size, name)
-    try:
-        buf = bytearray(CHUNK)
-        mv = memoryview(buf)
-        got = 0
-        while got < size:
-            n = os.readv(fd, [mv[: min(CHUNK, size - got)]])
-            if n == 0:
-                break
-            h.update(mv[:n])
-            written = 0
-            while written < n:
-                written += os.pwrite(mfd, mv[written:n], got + written)
-            got += n
-            if on_progress:
-                on_progress(n)
-        if got != size or os.read(fd, 1):
-            raise OSError(f"{name}: size changed while reading (expected {size} bytes)")
-        import fcntl
+    return _read_large(fd, size, name, h, on_progress)
 
+
+WINDOW = 64 << 20                   # large files: copy / hash step
+
+
+def _read_large(fd: int, size: int, name: str, h: "hashlib._Hash",
+                on_progress: Callable[[int], None] | None) -> Blob:
+    """Large file: the kernel copies it once into a memfd (sendfile, no user-space copy) while this
+    thread hashes what has already landed there, window by window. The hash therefore covers exactly
+    the bytes stored; the memfd is then sealed and exposed as a read-only mmap. Copy and hash run in
+    parallel (both release the GIL), so the wall time is close to the hashing time alone. Each hashed
+    window is unmapped at once: the resident set stays small whatever the file size."""
+    import fcntl
+    import threading
+
+    mfd = _sealed_memfd(size, name)
+    copied = 0                                  # bytes in the memfd so far (written by the copier)
+    error: list[BaseException] = []
+    cond = threading.Condition()
+
+    def copier() -> None:
+        nonlocal copied
+        try:
+            done = 0
+            use_sendfile = True
+            buf = None
+            while done < size:
+                step = min(WINDOW, size - done)
+                n = 0
+                if use_sendfile:
+                    try:
+                        n = os.sendfile(mfd, fd, done, step)
+                    except OSError:             # filesystem without sendfile support: plain copy
+                        use_sendfile = False
+                if not use_sendfile:
+                    buf = buf or bytearray(WINDOW)
+                    n = os.preadv(fd, [memoryview(buf)[:step]], done)
+                    w = 0
+                    while w < n:
+                        w += os.pwrite(mfd, memoryview(buf)[w:n], done + w)
+                if n == 0:
+                    raise OSError(f"{name}: size changed while reading (expected {size} bytes, got {done})")
+                done += n
+                with cond:
+                    copied = done
+                    cond.notify()
+            if os.pread(fd, 1, size):
+                raise OSError(f"{name}: size changed while reading (longer than {size} bytes)")
+        except BaseException as exc:  # noqa: BLE001 - handed to the hashing thread
+            with cond:
+                error.append(exc)
+                cond.notify()
+
+    thread = threading.Thread(target=copier, name=f"sdsecure-copy:{name}"[:60], daemon=True)
+    thread.start()
+    try:
+        hashed = 0
+        while hashed < size:
+            with cond:
+                while copied < min(hashed + WINDOW, size) and not error:
+                    cond.wait()
+                if error:
+                    raise error[0]
+                avail = copied
+            # hash whole windows only (mmap offsets must stay page-aligned), the tail at the end
+            while hashed < avail and (avail - hashed >= WINDOW or avail == size):
+                n = min(WINDOW, avail - hashed)
+                win = mmap.mmap(mfd, n, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED, offset=hashed)
+                try:
+                    h.update(win)
+                finally:
+                    win.close()
+                hashed += n
+                if on_progress:
+                    on_progress(n)
+        thread.join()
+        if error:
+            raise error[0]
         fcntl.fcntl(mfd, fcntl.F_ADD_SEALS,
                     fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
         mm = mmap.mmap(mfd, size, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
     finally:
+        thread.join()
         os.close(mfd)
     return Blob(mm, h.hexdigest(), size)

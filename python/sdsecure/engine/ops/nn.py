@@ -1,0 +1,451 @@
+"""Compute-heavy ONNX ops: MatMul/Gemm, Conv, normalisations, Softmax, reductions, Resize, pooling."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from max.graph import ops
+from max.graph.type import FilterLayout
+
+from sdsecure.engine.ops import Node, register
+from sdsecure.engine.ops.elementwise import _float_only, operand
+
+
+# -- linear algebra ------------------------------------------------------------------------------
+def _matmul_check(n: Node, **_) -> str | None:
+    if any(i is not None and i.size == 0 for i in n.in_infos[:2]):
+        return "empty operand"
+    return _float_only(n)
+
+
+@register("MatMul", check=_matmul_check)
+def matmul(n: Node, a, b):
+    return ops.matmul(n.t(a), n.t(b))
+
+
+@register("Gemm", check=_matmul_check)
+def gemm(n: Node, a, b, c=None, *, alpha: float, beta: float, transA: int, transB: int):  # noqa: N803
+    x, w = n.t(a), n.t(b)
+    if transA:
+        x = ops.transpose(x, 0, 1)
+    if transB:
+        w = ops.transpose(w, 0, 1)
+    y = ops.matmul(x, w)
+    if alpha != 1.0:
+        y = y * n.scalar(alpha, y)
+    if c is not None and beta != 0.0:
+        bias = operand(n, c, y)
+        if beta != 1.0:
+            bias = bias * n.scalar(beta, y)
+        y = y + bias
+    return y
+
+
+# -- convolution ---------------------------------------------------------------------------------
+def _conv_pads(n: Node, auto_pad: str, pads, kernel: list[int], strides: list[int], dilations: list[int]):
+    spatial = list(n.in_infos[0].shape[2:])
+    k = len(spatial)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        before, after = [], []
+        for size, kk, s, d in zip(spatial, kernel, strides, dilations):
+            out = -(-size // s)
+            total = max(0, (out - 1) * s + (kk - 1) * d + 1 - size)
+            small, big = total // 2, total - total // 2
+            before.append(small if auto_pad == "SAME_UPPER" else big)
+            after.append(big if auto_pad == "SAME_UPPER" else small)
+        return before, after
+    if auto_pad == "VALID" or pads is None:
+        return [0] * k, [0] * k
+    return list(pads[:k]), list(pads[k:])
+
+
+def _conv_check(n: Node, *, auto_pad: str, **_) -> str | None:
+    rank = len(n.in_infos[0].shape) if n.in_infos[0] else 0
+    if rank not in (3, 4):
+        return f"{rank - 2}-D convolution (1-D and 2-D supported)"
+    if auto_pad not in ("NOTSET", "VALID", "SAME_UPPER", "SAME_LOWER"):
+        return f"auto_pad={auto_pad!r}"
+    return _float_only(n)
+
+
+@register("Conv", check=_conv_check)
+def conv(n: Node, x, w, b=None, *, auto_pad: str, dilations=None, group: int, kernel_shape=None, pads=None,
+         strides=None):
+    """ONNX Conv is NCHW/OIHW; MAX's conv2d is NHWC with the filter as FCRS (= OIHW, no copy) (G1)."""
+    one_d = len(n.in_infos[0].shape) == 3
+    kernel = list(n.in_infos[1].shape[2:])
+    k = len(kernel)
+    strides = list(strides or [1] * k)
+    dilations = list(dilations or [1] * k)
+    before, after = _conv_pads(n, auto_pad, pads, kernel, strides, dilations)
+    x, f = n.t(x), n.t(w)
+    if one_d:
+        x = ops.unsqueeze(x, 2)
+        f = ops.unsqueeze(f, 2)
+        strides, dilations, before, after = [1] + strides, [1] + dilations, [0] + before, [0] + after
+    y = ops.conv2d(ops.permute(x, [0, 2, 3, 1]), f, stride=tuple(strides), dilation=tuple(dilations),
+                   padding=(before[0], after[0], before[1], after[1]), groups=group,
+                   filter_layout=FilterLayout.FCRS)
+    y = ops.permute(y, [0, 3, 1, 2])
+    if b is not None:
+        y = y + ops.reshape(n.t(b), [-1, 1, 1])
+    if one_d:
+        y = ops.squeeze(y, 2)
+    return y
+
+
+# -- normalisation -------------------------------------------------------------------------------
+def _vector(n: Node, x, length: int, like, fill: float):
+    if x is None:
+        return n.t(np.full((length,), fill, dtype=like.dtype.to_numpy()))
+    v = n.t(x)
+    if v.rank != 1:
+        v = ops.reshape(v, [length])
+    return v
+
+
+@register("InstanceNormalization", check=_float_only)
+def instance_norm(n: Node, x, scale, bias, *, epsilon: float):
+    x = n.t(x)
+    channels = int(x.shape[1])
+    return ops.group_norm(x, _vector(n, scale, channels, x, 1.0), _vector(n, bias, channels, x, 0.0),
+                          num_groups=channels, epsilon=float(epsilon))
+
+
+def _layer_norm_check(n: Node, **_) -> str | None:
+    if len([o for o in n.proto.output if o]) > 1:
+        return "Mean/InvStdDev outputs"
+    return _float_only(n)
+
+
+@register("LayerNormalization", 17, check=_layer_norm_check)
+def layer_norm(n: Node, x, scale, bias=None, *, axis: int, epsilon: float, stash_type: int):
+    shape = n.in_infos[0].shape
+    axis %= len(shape)
+    norm_shape = list(shape[axis:])
+    size = int(np.prod(norm_shape))
+    x = n.t(x)
+    fused = all(i is None or i.shape[-len(norm_shape):] == tuple(norm_shape) and i.size == size
+                for i in n.in_infos[1:3])
+    if fused and float(epsilon) > 0:
+        flat = x if axis == len(shape) - 1 else ops.reshape(x, list(shape[:axis]) + [size])
+        y = ops.layer_norm(flat, _vector(n, scale, size, x, 1.0), _vector(n, bias, size, x, 0.0), float(epsilon))
+        return y if axis == len(shape) - 1 else ops.reshape(y, list(shape))
+    # general broadcasting scale/bias: spell it out
+    axes = list(range(axis, len(shape)))
+    mean = _reduce_axes(x, axes, ops.mean)
+    d = x - mean
+    var = _reduce_axes(d * d, axes, ops.mean)
+    y = d * ops.rsqrt(var + n.scalar(float(epsilon), x)) * operand(n, scale, x)
+    if bias is not None:
+        y = y + operand(n, bias, x)
+    return y
+
+
+@register("BatchNormalization", 9)
+def batch_norm(n: Node, x, scale, bias, mean, var, *, epsilon: float, momentum: float = 0.9,
+               training_mode: int = 0):
+    x = n.t(x)
+    rank = x.rank
+    if isinstance(scale, np.ndarray) and isinstance(var, np.ndarray) and isinstance(mean, np.ndarray) \
+            and isinstance(bias, np.ndarray):
+        k = (scale / np.sqrt(var + np.asarray(epsilon, var.dtype))).astype(scale.dtype)
+        c = (bias - mean * k).astype(scale.dtype)
+        shape = [-1] + [1] * (rank - 2)
+        return x * n.t(k.reshape(shape)) + n.t(c.reshape(shape))
+    shape = [-1] + [1] * (rank - 2)
+    s, b, m, v = (ops.reshape(n.t(t), shape) for t in (scale, bias, mean, var))
+    return (x - m) * ops.rsqrt(v + n.scalar(float(epsilon), x)) * s + b
+
+
+def _bn_check(n: Node, *, training_mode: int = 0, **_) -> str | None:
+    if training_mode or len([o for o in n.proto.output if o]) > 1:
+        return "training mode"
+    return _float_only(n)
+
+
+register("BatchNormalization", 14, check=_bn_check)(batch_norm)
+register("BatchNormalization", 15, check=_bn_check)(batch_norm)
+
+
+# -- softmax -------------------------------------------------------------------------------------
+def _softmax_last(x, fn, axis: int):
+    rank = x.rank
+    axis %= rank
+    if axis == rank - 1:
+        return fn(x)
+    perm = list(range(rank))
+    perm[axis], perm[-1] = perm[-1], perm[axis]
+    return ops.permute(fn(ops.permute(x, perm)), perm)
+
+
+def _softmax_like(op_type: str, fn) -> None:
+    @register(op_type, 13, check=_float_only)
+    def convert(n: Node, x, *, axis: int):
+        return _softmax_last(n.t(x), fn, axis)
+
+    @register(op_type, 1, check=_float_only)
+    def convert_v1(n: Node, x, *, axis: int):
+        shape = n.in_infos[0].shape
+        axis %= max(1, len(shape))
+        rows = int(np.prod(shape[:axis]))
+        flat = ops.reshape(n.t(x), [rows, int(np.prod(shape[axis:]))])
+        return ops.reshape(fn(flat), list(shape))
+
+
+_softmax_like("Softmax", ops.softmax)
+_softmax_like("LogSoftmax", ops.logsoftmax)
+
+
+# -- reductions ----------------------------------------------------------------------------------
+def _reduce_axes(x, axes: list[int], fn):
+    for a in sorted({a % x.rank for a in axes}):
+        x = fn(x, axis=a)
+    return x
+
+
+def _finish_reduce(n: Node, y):
+    out = list(n.out_shape)
+    return y if [int(d) for d in y.shape] == out else ops.reshape(y, out)
+
+
+_REDUCERS = {
+    "ReduceSum": (None, ops.sum, None),
+    "ReduceMean": (None, ops.mean, None),
+    "ReduceMax": (None, ops.max, None),
+    "ReduceMin": (None, ops.min, None),
+    "ReduceProd": (None, ops.prod, None),
+    "ReduceSumSquare": (lambda x: x * x, ops.sum, None),
+    "ReduceL1": (ops.abs, ops.sum, None),
+    "ReduceL2": (lambda x: x * x, ops.sum, ops.sqrt),
+    "ReduceLogSum": (None, ops.sum, ops.log),
+}
+# opset where `axes` became an input
+_AXES_INPUT_SINCE = {"ReduceSum": 13}
+
+
+def _reduce(n: Node, x, axes, keepdims: int, noop_with_empty_axes: int, op_type: str):
+    pre, fn, post = _REDUCERS[op_type]
+    x = n.t(x)
+    axes = [] if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
+    if not axes:
+        if noop_with_empty_axes:
+            return x
+        axes = list(range(x.rank))
+    if x.rank == 0:
+        y = x
+        if pre is not None:
+            y = pre(y)
+        return post(y) if post is not None else y
+    if pre is not None:
+        x = pre(x)
+    y = _reduce_axes(x, axes, fn)
+    if post is not None:
+        y = post(y)
+    return _finish_reduce(n, y)
+
+
+def _reduce_check(n: Node, **_) -> str | None:
+    info = n.in_infos[0]
+    if info is not None and info.size == 0:
+        return "empty input"
+    return None
+
+
+def _make_reducer(op_type: str) -> None:
+    since = _AXES_INPUT_SINCE.get(op_type, 18)
+
+    @register(op_type, 1, check=_reduce_check)
+    def convert_attr(n: Node, x, *, axes=None, keepdims: int):
+        return _reduce(n, x, axes, keepdims, 0, op_type)
+
+    @register(op_type, since, const_inputs=(1,), check=_reduce_check)
+    def convert_input(n: Node, x, axes=None, *, keepdims: int, noop_with_empty_axes: int):
+        return _reduce(n, x, axes, keepdims, noop_with_empty_axes, op_type)
+
+
+for _op in _REDUCERS:
+    _make_reducer(_op)
+
+
+@register("ReduceLogSumExp", 1, check=_reduce_check)
+def reduce_log_sum_exp_v1(n: Node, x, *, axes=None, keepdims: int):
+    return _log_sum_exp(n, x, axes, keepdims, 0)
+
+
+@register("ReduceLogSumExp", 18, const_inputs=(1,), check=_reduce_check)
+def reduce_log_sum_exp(n: Node, x, axes=None, *, keepdims: int, noop_with_empty_axes: int):
+    return _log_sum_exp(n, x, axes, keepdims, noop_with_empty_axes)
+
+
+def _log_sum_exp(n: Node, x, axes, keepdims, noop):
+    x = n.t(x)
+    axes = [] if axes is None else [int(a) for a in np.asarray(axes).reshape(-1)]
+    if not axes:
+        if noop:
+            return x
+        axes = list(range(x.rank))
+    m = _reduce_axes(x, axes, ops.max)
+    m = ops.where(ops.is_inf(m), ops.broadcast_to(n.scalar(0.0, m), [int(d) for d in m.shape]), m)
+    y = ops.log(_reduce_axes(ops.exp(x - m), axes, ops.sum)) + m
+    return _finish_reduce(n, y)
+
+
+def _arg_check(n: Node, *, select_last_index: int = 0, **_) -> str | None:
+    return None
+
+
+def _arg(fn, n: Node, x, axis: int, select_last_index: int):
+    x = n.t(x)
+    axis %= x.rank
+    if select_last_index:
+        dim = int(x.shape[axis])
+        rev = ops.gather(x, n.t(np.arange(dim - 1, -1, -1, dtype=np.int64)), axis=axis)
+        y = n.scalar(dim - 1, fn(rev, axis=axis)) - fn(rev, axis=axis)
+    else:
+        y = fn(x, axis=axis)
+    return _finish_reduce(n, y)
+
+
+@register("ArgMax")
+def argmax(n: Node, x, *, axis: int, keepdims: int, select_last_index: int = 0):
+    return _arg(ops.argmax, n, x, axis, select_last_index)
+
+
+@register("ArgMin")
+def argmin(n: Node, x, *, axis: int, keepdims: int, select_last_index: int = 0):
+    return _arg(ops.argmin, n, x, axis, select_last_index)
+
+
+@register("GlobalAveragePool", check=_float_only)
+def global_average_pool(n: Node, x):
+    x = n.t(x)
+    return _reduce_axes(x, list(range(2, x.rank)), ops.mean)
+
+
+@register("GlobalMaxPool", check=_float_only)
+def global_max_pool(n: Node, x):
+    x = n.t(x)
+    return _reduce_axes(x, list(range(2, x.rank)), ops.max)
+
+
+# -- Resize --------------------------------------------------------------------------------------
+_MATRIX_CAP = 1 << 22
+
+
+def _resize_check(n: Node, *, mode: str = "nearest", keep_aspect_ratio_policy: str = "stretch",
+                  coordinate_transformation_mode: str = "half_pixel", **_) -> str | None:
+    if keep_aspect_ratio_policy != "stretch":
+        return f"keep_aspect_ratio_policy={keep_aspect_ratio_policy!r}"
+    shape_in, shape_out = n.in_infos[0].shape, n.out_infos[0].shape if n.out_infos[0] else None
+    if shape_out is None:
+        return "output shape unknown"
+    for i, o in zip(shape_in, shape_out):
+        if (mode != "nearest" or coordinate_transformation_mode == "tf_crop_and_resize") and i * o > _MATRIX_CAP:
+            return f"{mode} resize of a {i}->{o} axis"
+    return _float_only(n) if mode != "nearest" else None
+
+
+def _axis_operator(n: Node, axis: int, roi, scales, sizes, attrs: dict) -> tuple[str, np.ndarray | None, np.ndarray | None]:
+    """How ONNX resizes one axis, found by running ONNX's reference Resize on a 2-D probe.
+
+    Returns ("identity"|"gather"|"matrix", indices or matrix [out, in], bias [out] or None)."""
+    from onnx.reference import ReferenceEvaluator
+
+    length, out = n.in_infos[0].shape[axis], n.out_shape[axis]
+    rank = len(n.in_infos[0].shape)
+    opset = max(n.opset, 11)
+    node_attrs = {k: v for k, v in attrs.items() if k not in ("axes", "keep_aspect_ratio_policy") and v is not None}
+    use_sizes = sizes is not None
+    probe_roi = None
+    if roi is not None and np.asarray(roi).size:
+        r = np.asarray(roi, np.float32).reshape(-1)
+        probe_roi = np.array([0, r[axis], 1, r[axis + rank]], np.float32)
+    inputs = ["X", "roi" if probe_roi is not None else "", "" if use_sizes else "scales", "sizes" if use_sizes else ""]
+    node = onnx.helper.make_node("Resize", inputs, ["Y"], **node_attrs)
+
+    def run(x: np.ndarray) -> np.ndarray:
+        feeds = {"X": x}
+        if probe_roi is not None:
+            feeds["roi"] = probe_roi
+        if use_sizes:
+            feeds["sizes"] = np.array([x.shape[0], out], np.int64)
+        else:
+            feeds["scales"] = np.array([1.0, float(scales[axis])], np.float32)
+        y = ReferenceEvaluator(node, opsets={"": opset}).run(None, feeds)[0]
+        if y.shape[1] != out:
+            raise ValueError(f"Resize probe gave {y.shape[1]} elements on axis {axis}, shape inference {out}")
+        return y
+
+    crop = attrs.get("coordinate_transformation_mode") == "tf_crop_and_resize"
+    if attrs.get("mode", "nearest") == "nearest" and not crop:
+        idx = run(np.arange(length, dtype=np.float64)[None, :].astype(np.float32))[0].astype(np.int64)
+        if out == length and np.array_equal(idx, np.arange(length)):
+            return "identity", None, None
+        return "gather", idx, None
+    matrix = run(np.eye(length, dtype=np.float32)).T  # [out, in]
+    bias = run(np.zeros((1, length), np.float32))[0]
+    if out == length and np.array_equal(matrix, np.eye(length)) and not bias.any():
+        return "identity", None, None
+    return "matrix", matrix, (bias if bias.any() else None)
+
+
+def _resize(n: Node, x, roi, scales, sizes, attrs: dict):
+    rank = len(n.in_infos[0].shape)
+    axes = attrs.get("axes")
+    if axes is not None:  # opset 18: scales/sizes/roi name only these axes
+        axes = [a % rank for a in axes]
+        full_scales = np.ones(rank, np.float32)
+        full_sizes = np.array(n.in_infos[0].shape, np.int64)
+        full_roi = np.concatenate([np.zeros(rank), np.ones(rank)]).astype(np.float32)
+        for i, a in enumerate(axes):
+            if scales is not None and np.asarray(scales).size:
+                full_scales[a] = np.asarray(scales).reshape(-1)[i]
+            if sizes is not None and np.asarray(sizes).size:
+                full_sizes[a] = np.asarray(sizes).reshape(-1)[i]
+            if roi is not None and np.asarray(roi).size:
+                r = np.asarray(roi).reshape(-1)
+                full_roi[a], full_roi[a + rank] = r[i], r[i + len(axes)]
+        scales = full_scales if scales is not None and np.asarray(scales).size else None
+        sizes = full_sizes if sizes is not None and np.asarray(sizes).size else None
+        roi = full_roi if roi is not None and np.asarray(roi).size else None
+    if scales is not None and not np.asarray(scales).size:
+        scales = None
+    if sizes is not None and not np.asarray(sizes).size:
+        sizes = None
+    if scales is not None:
+        scales = np.asarray(scales, np.float32).reshape(-1)
+    y = n.t(x)
+    for axis in range(rank):
+        if sizes is None and scales is not None and scales[axis] == 1.0 and \
+                attrs.get("coordinate_transformation_mode") != "tf_crop_and_resize":
+            continue
+        kind, op, bias = _axis_operator(n, axis, roi, scales, sizes, attrs)
+        if kind == "gather":
+            y = ops.gather(y, n.t(op), axis=axis)
+        elif kind == "matrix":
+            perm = list(range(rank))
+            perm[axis], perm[-1] = perm[-1], perm[axis]
+            moved = ops.permute(y, perm) if axis != rank - 1 else y
+            res = ops.matmul(moved, n.t(np.ascontiguousarray(op.T.astype(y.dtype.to_numpy()))))
+            if bias is not None:
+                res = res + n.t(bias.astype(y.dtype.to_numpy()))
+            y = ops.permute(res, perm) if axis != rank - 1 else res
+    return y
+
+
+@register("Resize", 11, const_inputs=(1, 2, 3), check=_resize_check)
+def resize(n: Node, x, roi=None, scales=None, sizes=None, *, mode: str, coordinate_transformation_mode: str,
+           nearest_mode: str, cubic_coeff_a: float, exclude_outside: int, extrapolation_value: float,
+           antialias: int = 0, axes=None, keep_aspect_ratio_policy: str = "stretch"):
+    attrs = dict(mode=mode, coordinate_transformation_mode=coordinate_transformation_mode, nearest_mode=nearest_mode,
+                 cubic_coeff_a=cubic_coeff_a, exclude_outside=exclude_outside,
+                 extrapolation_value=extrapolation_value, antialias=antialias, axes=axes)
+    return _resize(n, x, roi, scales, sizes, attrs)
+
+
+@register("Resize", 10, const_inputs=(1,), check=_resize_check)
+def resize_v10(n: Node, x, scales, *, mode: str):
+    # opset 10 semantics are those of opset 11 with asymmetric coordinates and floor rounding
+    attrs = dict(mode=mode, coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+    return _resize(n, x, None, scales, None, attrs)

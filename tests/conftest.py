@@ -1,0 +1,63 @@
+"""Shared test paths and the SD 1.5 I/O contract of the committed fixtures.
+
+The fixtures are made by tools/export_tiny_sd.py (see the README.md inside each); the tests never need
+torch. Paths are plain `Path`s, read-only: copy a fixture to tmp_path before changing anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TOOLS_DIR = REPO_ROOT / "tools"
+
+# tiny random-weight SD 1.5 pipelines in the Hub layout of the public SD 1.5 ONNX repos
+EMBEDDED_MODEL_DIR = REPO_ROOT / "python" / "sdsecure" / "embedded" / "tiny-sd15"  # legacy export, opset 14
+DYNAMO_MODEL_DIR = REPO_ROOT / "tests" / "fixtures" / "tiny-sd15-dynamo"           # dynamo export, opset 20
+FIXTURE_MODEL_DIRS = {"legacy": EMBEDDED_MODEL_DIR, "dynamo": DYNAMO_MODEL_DIR}
+TOKENIZER_DIR = EMBEDDED_MODEL_DIR / "tokenizer"  # the real CLIP ViT-L/14 tokenizer files
+LOCKFILE = "sdsecure.lock.json"
+
+# ---- SD 1.5 I/O contract, as the pipeline feeds the graphs -----------------------------------------
+BATCH = 2                      # classifier-free guidance: [uncond, cond]
+MAX_TOKENS = 77                # CLIP context; padded with EOS_ID
+BOS_ID, EOS_ID = 49406, 49407  # EOS is also the pad id
+INPUT_IDS_DTYPE = np.int32     # text_encoder input_ids [BATCH, 77], as in the public export
+LATENT_CHANNELS = 4
+LATENT_HW = 16                 # 16x16 latents in the tests (a 128x128 image)
+VAE_SCALE = 8                  # vae_decoder output is 8x the latent size
+VAE_SCALING_FACTOR = 0.18215   # applied by the pipeline (latents / 0.18215 before decoding), not by the graph
+# The UNet `timestep` input is float32 [batch] in both exports. The pipeline passes it like diffusers'
+# OnnxStableDiffusionPipeline: np.array([t], dtype=<the graph's timestep type>), i.e. shape [1]; both
+# graphs broadcast it to the batch. Shape [BATCH] is accepted too.
+TIMESTEP_DTYPE = np.float32
+TIMESTEP_SHAPE = (1,)
+TINY_HIDDEN = 16               # text hidden size = UNet cross-attention dim of the tiny fixtures
+
+
+def timestep_feed(t: float | int) -> np.ndarray:
+    return np.full(TIMESTEP_SHAPE, t, dtype=TIMESTEP_DTYPE)
+
+
+@pytest.fixture(scope="session")
+def embedded_model_dir() -> Path:
+    return EMBEDDED_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def dynamo_model_dir() -> Path:
+    return DYNAMO_MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    return TOKENIZER_DIR
+
+
+@pytest.fixture(scope="session", params=sorted(FIXTURE_MODEL_DIRS), ids=lambda k: f"tiny-{k}")
+def fixture_model_dir(request) -> Path:
+    """Each committed fixture pipeline in turn (legacy/embedded, dynamo)."""
+    return FIXTURE_MODEL_DIRS[request.param]

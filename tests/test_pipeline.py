@@ -1,0 +1,147 @@
+"""SD 1.5 pipeline end to end on the embedded tiny model, at 128x128 (16x16 latents, UNet batch 2: the
+shapes the engine tests compile, so MAX's compile cache is shared), on onnxruntime and on MAX.
+
+Tolerance MAX vs onnxruntime (same seed, 10 PNDM steps): final latents within 1e-3 of their scale
+(measured ~1e-6), images within 2/255 per pixel (measured: identical or off by one at rounding edges).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pipeline_helpers import EMBEDDED_DIR, verified_from_dir
+
+from sdsecure.errors import UserError
+from sdsecure.pipeline.sd15 import StableDiffusion15
+
+SIZE = 128
+PROMPT = "a photo of an astronaut riding a horse on mars"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return verified_from_dir(EMBEDDED_DIR, "embedded")
+
+
+@pytest.fixture(scope="module")
+def ort_pipe(model):
+    return StableDiffusion15(model, backend="onnxruntime", height=SIZE, width=SIZE)
+
+
+@pytest.fixture(scope="module")
+def max_pipe(model):
+    return StableDiffusion15(model, backend="max", height=SIZE, width=SIZE)
+
+
+# -- construction ----------------------------------------------------------------------------------
+
+def test_shapes_follow_the_graphs(ort_pipe):
+    assert ort_pipe.input_shapes == {
+        "text_encoder": {"input_ids": [2, 77]},
+        "unet": {"sample": [2, 4, 16, 16], "timestep": [1], "encoder_hidden_states": [2, 77, 16]},
+        "vae_decoder": {"latent_sample": [1, 4, 16, 16]},
+    }
+    assert ort_pipe.scheduler_name == "PNDMScheduler"        # the model's scheduler_config.json
+    assert ort_pipe._timestep.dtype == np.float32            # the export's declared timestep type
+
+
+@pytest.mark.parametrize("h, w", [(100, 128), (128, 0), (-8, 128), (128, 4100)])
+def test_bad_sizes(model, h, w):
+    with pytest.raises(UserError, match="height|width"):
+        StableDiffusion15(model, backend="onnxruntime", height=h, width=w)
+
+
+def test_unknown_scheduler(model):
+    with pytest.raises(UserError, match="unknown scheduler"):
+        StableDiffusion15(model, backend="onnxruntime", height=SIZE, width=SIZE, scheduler="lms")
+
+
+@pytest.mark.parametrize("missing", ["vae_decoder/model.onnx", "unet/model.onnx", "tokenizer/vocab.json",
+                                     "scheduler/scheduler_config.json"])
+def test_missing_component(missing):
+    m = verified_from_dir(EMBEDDED_DIR, skip=(missing,))
+    with pytest.raises(UserError, match=f"not a complete SD 1.5 ONNX pipeline: missing {missing}"):
+        StableDiffusion15(m, backend="onnxruntime", height=SIZE, width=SIZE)
+
+
+# -- onnxruntime -----------------------------------------------------------------------------------
+
+def test_generate_on_onnxruntime(ort_pipe):
+    calls: list[tuple[int, int]] = []
+    img = ort_pipe.generate(PROMPT, num_steps=5, seed=0, progress=lambda i, n: calls.append((i, n)))
+    assert img.shape == (SIZE, SIZE, 3) and img.dtype == np.uint8
+    assert img.std() > 5                              # a picture, not a constant
+    assert calls == [(i, 6) for i in range(1, 7)]     # PLMS: 5 steps = 6 UNet calls, as in diffusers
+    again = ort_pipe.generate(PROMPT, num_steps=5, seed=0, progress=False)
+    np.testing.assert_array_equal(img, again)         # seed 0 is a seed: same image
+    other = ort_pipe.generate(PROMPT, num_steps=5, seed=1, progress=False)
+    assert np.abs(other.astype(int) - img).mean() > 1
+
+
+def test_prompt_negative_prompt_and_guidance_matter(ort_pipe):
+    base = ort_pipe.generate(PROMPT, num_steps=3, seed=3, progress=False)
+    for kwargs in ({"negative_prompt": "blurry"}, {"guidance_scale": 1.0}):
+        other = ort_pipe.generate(PROMPT, num_steps=3, seed=3, progress=False, **kwargs)
+        assert not np.array_equal(base, other), kwargs
+    other = ort_pipe.generate("a photo of a cat", num_steps=3, seed=3, progress=False)
+    assert not np.array_equal(base, other)
+
+
+def test_cfg_matches_the_formula(ort_pipe):
+    """hidden states are [uncond, cond]; guidance 0 gives the unconditional image, whatever the prompt."""
+    a = ort_pipe.generate(PROMPT, negative_prompt="x", num_steps=3, seed=5, guidance_scale=0.0, progress=False)
+    b = ort_pipe.generate("a cat", negative_prompt="x", num_steps=3, seed=5, guidance_scale=0.0, progress=False)
+    np.testing.assert_array_equal(a, b)
+    hidden = ort_pipe.encode(PROMPT, "x")
+    assert hidden.shape == (2, 77, 16)
+    np.testing.assert_array_equal(hidden[0], ort_pipe.encode("a cat", "x")[0])
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "euler"])
+def test_scheduler_override(model, ort_pipe, scheduler):
+    pipe = StableDiffusion15(model, backend="onnxruntime", height=SIZE, width=SIZE, scheduler=scheduler)
+    assert pipe.scheduler_name == {"ddim": "DDIMScheduler", "euler": "EulerDiscreteScheduler"}[scheduler]
+    img = pipe.generate(PROMPT, num_steps=4, seed=0, progress=False)
+    assert img.shape == (SIZE, SIZE, 3)
+    assert not np.array_equal(img, ort_pipe.generate(PROMPT, num_steps=4, seed=0, progress=False))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"prompt": ""}, "prompt is empty"),
+    ({"prompt": "   "}, "prompt is empty"),
+    ({"num_steps": 0}, "number of steps"),
+    ({"num_steps": -3}, "number of steps"),
+    ({"guidance_scale": float("nan")}, "guidance scale"),
+    ({"seed": -1}, "seed"),
+])
+def test_generate_argument_errors(ort_pipe, kwargs, message):
+    args = {"prompt": PROMPT, "num_steps": 2, "progress": False, **kwargs}
+    with pytest.raises(UserError, match=message):
+        ort_pipe.generate(**args)
+
+
+def test_initial_noise_is_documented_numpy_rng(ort_pipe):
+    noise = ort_pipe.initial_noise(0)
+    want = np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)
+    np.testing.assert_array_equal(noise, want)
+
+
+# -- MAX -------------------------------------------------------------------------------------------
+
+def test_max_same_seed_same_image_and_close_to_onnxruntime(max_pipe, ort_pipe):
+    img = max_pipe.generate(PROMPT, num_steps=10, seed=0, progress=False)
+    assert img.shape == (SIZE, SIZE, 3) and img.dtype == np.uint8 and img.std() > 5
+    again = max_pipe.generate(PROMPT, num_steps=10, seed=0, progress=False)
+    np.testing.assert_array_equal(img, again)
+
+    ref = ort_pipe.generate(PROMPT, num_steps=10, seed=0, progress=False)
+    diff = np.abs(img.astype(int) - ref.astype(int))
+    assert diff.max() <= 2, f"MAX vs onnxruntime: max pixel difference {diff.max()}"
+
+    hidden_max = max_pipe.encode(PROMPT)
+    hidden_ort = ort_pipe.encode(PROMPT)
+    np.testing.assert_allclose(hidden_max, hidden_ort, atol=1e-4 * max(1.0, float(np.abs(hidden_ort).max())))
+    lat_max = max_pipe.denoise(hidden_ort, max_pipe.initial_noise(0), 10, 7.5)
+    lat_ort = ort_pipe.denoise(hidden_ort, ort_pipe.initial_noise(0), 10, 7.5)
+    scale = max(1.0, float(np.abs(lat_ort).max()))
+    assert float(np.abs(lat_max - lat_ort).max()) <= 1e-3 * scale
