@@ -116,6 +116,14 @@ def test_dangling_symlink_is_reported(model: Path):
     assert "gone.onnx" not in res.files
 
 
+def test_symlink_loop_is_reported_not_followed(model: Path):
+    (model / "a.pb").symlink_to("b.pb")
+    (model / "b.pb").symlink_to("a.pb")
+    res = walk_snapshot(model, progress=False)
+    assert {f.file for f in rules_of(res)["FILE-SYMLINK-DANGLING"]} == {"a.pb", "b.pb"}
+    assert len(res.files) == 3
+
+
 def test_directory_symlink_is_not_followed(model: Path):
     (model / "unet2").symlink_to("unet", target_is_directory=True)
     res = walk_snapshot(model, progress=False)

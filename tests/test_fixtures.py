@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 from onnx.external_data_helper import uses_external_data
 from transformers import CLIPTokenizer
 
@@ -94,6 +95,20 @@ def test_unet_weights_are_external(fixture_model_dir: Path) -> None:
     for c in ("text_encoder", "vae_decoder"):
         other = onnx.load(str(fixture_model_dir / c / "model.onnx"), load_external_data=False)
         assert not any(uses_external_data(t) for t in other.graph.initializer), c
+
+
+@pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder"])
+def test_weights_are_not_fresh_init_constants(fixture_model_dir: Path, component: str) -> None:
+    """Norm scales of 1 and biases of 0 would hide an importer that swaps or drops them (onnxruntime and
+    the engine would still agree): the exporter perturbs them. InstanceNormalization's own scale/bias
+    (GroupNorm's export pattern; the affine part is the Mul/Add after it) are legitimately 1 and 0."""
+    m = onnx.load(str(fixture_model_dir / component / "model.onnx"))  # external data from the folder
+    instance_norm = {i for n in m.graph.node if n.op_type == "InstanceNormalization" for i in n.input[1:]}
+    weights = [(t.name, numpy_helper.to_array(t)) for t in m.graph.initializer if t.name not in instance_norm]
+    floats = [(name, a) for name, a in weights if a.dtype == np.float32 and a.size > 1]
+    assert len(floats) > 10
+    constant = [name for name, a in floats if np.all(a == a.flat[0])]
+    assert constant == []
 
 
 # ---- I/O contract ----------------------------------------------------------------------------------

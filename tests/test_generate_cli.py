@@ -48,6 +48,7 @@ BAD_ARGS = [
     (["--prompt", PROMPT, "--num-steps", "ten"], "invalid int value"),
     (["--prompt", PROMPT, "--height", "100"], "height must be a positive multiple of 8"),
     (["--prompt", PROMPT, "--width", "0"], "width must be a positive multiple of 8"),
+    (["--prompt", PROMPT, "--width", "96"], "width must be a multiple of 64"),
     (["--prompt", PROMPT, "--scheduler", "lms"], "invalid choice: 'lms'"),
     (["--prompt", PROMPT, "--backend", "tensorrt"], "invalid choice: 'tensorrt'"),
     (["--prompt", PROMPT, "--guidance-scale", "nan"], "guidance scale"),
@@ -116,17 +117,17 @@ def test_generate_embedded_on_onnxruntime(tmp_path, capsys):
 def test_json_summary(tmp_path, capsys):
     out = tmp_path / "x.png"
     rc, stdout, stderr = run_cli(["--prompt", PROMPT, "--num-steps", "2", "--backend", "onnxruntime",
-                                  "--scheduler", "euler", "--height", "64", "--width", "96", "--json",
+                                  "--scheduler", "euler", "--height", "64", "--width", "192", "--json",
                                   "--output", str(out)], capsys)
     assert rc == 0, stderr
     summary = json.loads(stdout)                                # stdout is only the JSON
     assert summary["status"] == "ok" and summary["image"] == str(out)
     assert summary["verdict"] == "allowed" and summary["verified"] is True and summary["model"] == "embedded"
     assert summary["provenance"]["sdsecure:scheduler"] == "EulerDiscreteScheduler"
-    assert summary["provenance"]["sdsecure:size"] == "96x64"
+    assert summary["provenance"]["sdsecure:size"] == "192x64"
     assert "gate: ALLOWED" in stderr
     with Image.open(out) as im:
-        assert im.size == (96, 64)
+        assert im.size == (192, 64)
 
 
 def test_skip_validation_is_loud_and_stamped(tmp_path, capsys, monkeypatch):

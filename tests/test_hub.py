@@ -282,3 +282,62 @@ def test_settings_are_read_at_call_time(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     assert not hub.is_offline()
     assert parse_ref("org/name@v1").revision == "v1"
+
+
+# -- more revisions, caches populated by others, the server itself ------------------------------------
+
+def test_tags_and_pr_refs(hub_env, repos, tmp_path):
+    hub_env.repos["org/plain"].refs.update({"v1.0": repos["plain"], "refs/pr/1": repos["plain"]})
+    try:
+        assert audit("org/plain@v1.0", progress=False).revision == repos["plain"]
+        assert audit("org/plain", revision="refs/pr/1", progress=False).revision == repos["plain"]
+        assert any("/revision/refs%2Fpr%2F1" in p for _, p in hub_env.requests)
+        ref_file = hub.hub_cache_dir() / hub.repo_folder("org/plain") / "refs" / "refs" / "pr" / "1"
+        assert ref_file.read_text() == repos["plain"]
+    finally:
+        for r in ("v1.0", "refs/pr/1"):
+            hub_env.repos["org/plain"].refs.pop(r)
+
+
+def test_hf_hub_cache_variable_wins(hub_env, repos, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    vm = audit("org/plain", progress=False)
+    assert (tmp_path / "elsewhere" / "models--org--plain" / "snapshots" / vm.revision / "model.onnx").exists()
+
+
+def test_cache_filled_by_another_tool_offline_says_hashes_unchecked(hub_env, repos, monkeypatch):
+    from huggingface_hub import snapshot_download
+
+    snapshot_download("org/plain", cache_dir=str(hub.hub_cache_dir()), endpoint=hub_env.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    vm = audit("org/plain", progress=False)
+    found = dict(mine(vm.report))
+    assert "HUB-METADATA-UNAVAILABLE" in found and "HUB-OFFLINE" in found
+    assert vm.report.reputation["hub"]["state"] == "unknown"                # never seen online by us
+
+
+def test_server_speaks_the_real_client_protocol(hub_env, repos, tmp_path):
+    import httpx2
+    from huggingface_hub import HfApi, hf_hub_download
+
+    api = HfApi(endpoint=hub_env.url)
+    tree = {f.path: f for f in api.list_repo_tree("sdsecure/tiny-sd15", recursive=True, revision="main")}
+    assert "unet" in tree and tree["unet/weights.pb"].lfs.sha256 and tree["model_index.json"].lfs is None
+    top = {f.path for f in api.list_repo_tree("sdsecure/tiny-sd15", revision="main")}
+    assert "unet" in top and "unet/weights.pb" not in top
+    info = api.get_paths_info("sdsecure/tiny-sd15", ["unet/weights.pb", "tokenizer", "missing"], revision="main")
+    assert sorted(type(i).__name__ for i in info) == ["RepoFile", "RepoFolder"]
+    mi = api.model_info("sdsecure/tiny-sd15", files_metadata=True, securityStatus=True)
+    assert mi.sha == repos["sd"] and mi.security_repo_status == {"scansDone": True, "filesWithIssues": []}
+    lfs = {s.rfilename: s.lfs for s in mi.siblings}
+    assert lfs["unet/weights.pb"].sha256 == tree["unet/weights.pb"].lfs.sha256
+    path = hf_hub_download("sdsecure/tiny-sd15", "unet/weights.pb", revision=repos["sd"], endpoint=hub_env.url,
+                           cache_dir=str(tmp_path / "c"))
+    assert Path(path).read_bytes() == (embedded_path() / "unet" / "weights.pb").read_bytes()
+    # LFS files are redirected to a "CDN" (another origin), which answers byte ranges
+    r = httpx2.head(f"{hub_env.url}/sdsecure/tiny-sd15/resolve/main/unet/weights.pb")
+    assert r.status_code == 302 and r.headers["X-Linked-Etag"].strip('"') == tree["unet/weights.pb"].lfs.sha256
+    part = httpx2.get(r.headers["Location"], headers={"Range": "bytes=10-19"})
+    assert part.status_code == 206 and part.content == (embedded_path() / "unet" / "weights.pb").read_bytes()[10:20]
+    r = httpx2.head(f"{hub_env.url}/sdsecure/tiny-sd15/resolve/{repos['sd']}/model_index.json")
+    assert r.status_code == 200 and r.headers["X-Repo-Commit"] == repos["sd"] and int(r.headers["Content-Length"]) > 0

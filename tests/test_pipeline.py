@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from pipeline_helpers import EMBEDDED_DIR, verified_from_dir
+from pipeline_helpers import EMBEDDED_DIR, REPO_ROOT, verified_from_dir
 
 from sdsecure.errors import UserError
 from sdsecure.pipeline.sd15 import StableDiffusion15
@@ -45,10 +45,20 @@ def test_shapes_follow_the_graphs(ort_pipe):
     assert ort_pipe._timestep.dtype == np.float32            # the export's declared timestep type
 
 
-@pytest.mark.parametrize("h, w", [(100, 128), (128, 0), (-8, 128), (128, 4100)])
-def test_bad_sizes(model, h, w):
-    with pytest.raises(UserError, match="height|width"):
+@pytest.mark.parametrize("h, w, message", [(100, 128, "height must be a positive multiple of 8"),
+                                            (128, 0, "width must be a positive multiple of 8"),
+                                            (-8, 128, "height must be a positive multiple of 8"),
+                                            (128, 96, "width must be a multiple of 64 .* try 128"),
+                                            (128, 4096, "width 4096 is larger than 2048")])
+def test_bad_sizes(model, h, w, message):
+    with pytest.raises(UserError, match=message):
         StableDiffusion15(model, backend="onnxruntime", height=h, width=w)
+
+
+def test_non_square_size(model):
+    pipe = StableDiffusion15(model, backend="onnxruntime", height=64, width=192)
+    img = pipe.generate(PROMPT, num_steps=2, seed=0, progress=False)
+    assert img.shape == (64, 192, 3)
 
 
 def test_unknown_scheduler(model):
@@ -61,6 +71,14 @@ def test_unknown_scheduler(model):
 def test_missing_component(missing):
     m = verified_from_dir(EMBEDDED_DIR, skip=(missing,))
     with pytest.raises(UserError, match=f"not a complete SD 1.5 ONNX pipeline: missing {missing}"):
+        StableDiffusion15(m, backend="onnxruntime", height=SIZE, width=SIZE)
+
+
+@pytest.mark.parametrize("data, message", [(b"{oops", "not valid JSON"),
+                                           (b'{"_class_name": "FlowMatchEulerDiscreteScheduler"}', "allowlist")])
+def test_bad_scheduler_config(data, message):
+    m = verified_from_dir(EMBEDDED_DIR, replace={"scheduler/scheduler_config.json": data})
+    with pytest.raises(UserError, match=message):
         StableDiffusion15(m, backend="onnxruntime", height=SIZE, width=SIZE)
 
 
@@ -118,6 +136,15 @@ def test_generate_argument_errors(ort_pipe, kwargs, message):
     args = {"prompt": PROMPT, "num_steps": 2, "progress": False, **kwargs}
     with pytest.raises(UserError, match=message):
         ort_pipe.generate(**args)
+
+
+def test_dynamo_export_gives_the_same_image(ort_pipe):
+    """The dynamo (opset 20) fixture has the same weights as the legacy export: same image."""
+    dynamo = verified_from_dir(REPO_ROOT / "tests" / "fixtures" / "tiny-sd15-dynamo", "dynamo")
+    pipe = StableDiffusion15(dynamo, backend="onnxruntime", height=SIZE, width=SIZE)
+    a = ort_pipe.generate(PROMPT, num_steps=4, seed=2, progress=False)
+    b = pipe.generate(PROMPT, num_steps=4, seed=2, progress=False)
+    assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
 def test_initial_noise_is_documented_numpy_rng(ort_pipe):

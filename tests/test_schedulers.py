@@ -201,3 +201,30 @@ def test_check_override():
     assert check_override("ddimscheduler") == "DDIMScheduler"
     with pytest.raises(UserError, match="choose one of pndm, ddim, euler"):
         check_override("lms")
+
+
+EXTRA = DATA / "extra_refs.npz"
+EXTRA_CASES = ["pndm_prk_leading_10", "pndm_linspace_vpred_10", "ddim_trailing_vpred_clip_10",
+               "ddim_linspace_linear_sample_10", "euler_leading_vpred_10", "euler_trailing_cos_sigmamin_10"]
+
+
+@pytest.mark.parametrize("case", EXTRA_CASES)
+def test_options_beyond_sd15(case: str):
+    """Options SD 1.5's config does not use, against diffusers 0.42.1 (extra_refs.npz, made by
+    make_extra_refs.py beside it): PRK warm-up, other spacings, v/sample prediction, other betas."""
+    with np.load(EXTRA) as d:
+        ref = {k.split("/", 1)[1]: d[k] for k in d.files if k.startswith(case + "/")}
+    assert ref, f"{case} missing from {EXTRA}"
+    s = scheduler_from_config(json.loads(str(ref["config"])))
+    s.set_timesteps(int(case.rsplit("_", 1)[1]))
+    assert s.timesteps.dtype == ref["timesteps"].dtype
+    np.testing.assert_array_equal(s.timesteps, ref["timesteps"])
+    assert s.init_noise_sigma == pytest.approx(float(ref["init_noise_sigma"]), rel=1e-6)
+    x = ref["sample0"]
+    for i, t in enumerate(s.timesteps):
+        close(s.scale_model_input(x, t), ref["scaled_model_inputs"][i], f"{case} scaled input {i}")
+        out = s.step(ref["model_outputs"][i], t, x)
+        close_to_scale(out.prev_sample, ref["prev_samples"][i], f"{case} prev_sample {i} (t={t})")
+        if "pred_original_samples" in ref:
+            close_to_scale(out.pred_original_sample, ref["pred_original_samples"][i], f"{case} pred_original {i}")
+        x = out.prev_sample

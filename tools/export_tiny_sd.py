@@ -36,7 +36,9 @@ whole flow (gate -> engine -> pipeline) can run in seconds, offline, and as test
   vocab 49408, 77 positions), UNet2DConditionModel (CrossAttnDownBlock2D x3 + DownBlock2D,
   UNetMidBlock2DCrossAttn, UpBlock2D + CrossAttnUpBlock2D x3; channels {unet_channels}, cross-attention
   dim 16), AutoencoderKL decoder (channels {vae_channels}, 4 blocks).
-- Exporter: torch {torch} `torch.onnx.export` {exporter_desc}; seed {seed}.
+- Weights: torch's default random initialisation, seed {seed}; parameters that initialise to a constant
+  (norm scales of 1, zero biases) get seeded noise added, so no weight is trivially 1 or 0.
+- Exporter: torch {torch} `torch.onnx.export` {exporter_desc}.
 - `sdsecure.lock.json` lists the sha256 and size of every other file in this folder.
 
 Made with (from the repository root, `fixtures` extra installed):
@@ -62,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     opset = args.opset or (sd15_export.LEGACY_OPSET if args.exporter == "legacy" else sd15_export.DYNAMO_OPSET)
     exporter_desc = (f"(dynamo=False, opset {opset}, dynamic axes as diffusers' conversion script)"
                      if args.exporter == "legacy" else
-                     f"(dynamo=True, opset {opset}; dynamic batch, UNet height/width in multiples of 8, decoder "
-                     "height/width)")
+                     f"(dynamo=True, opset {opset}; dynamic batch, UNet latent height/width multiples of 8 from 16 "
+                     "to 512, decoder height/width 1 to 512)")
     cmd_out = args.out.as_posix()
     readme = README.format(repo=repo, unet_channels=tuple(cfg.unet["block_out_channels"]),
                            vae_channels=tuple(cfg.vae["block_out_channels"]), torch=torch.__version__.split("+")[0],

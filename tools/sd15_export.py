@@ -152,10 +152,29 @@ def build_component(cfg: SDConfig, name: str):
     if name == "text_encoder":
         text_cfg = CLIPTextConfig(**CLIP_TEXT_BASE, **cfg.text)
         text_cfg._attn_implementation = "eager"  # MatMul/Softmax attention, as in the public exports
-        return TextEncoder(CLIPTextModel(text_cfg)).eval()
-    if name == "unet":
-        return UNet(UNet2DConditionModel(**UNET_BASE, **cfg.unet)).eval()
-    return VaeDecoder(AutoencoderKL(**VAE_BASE, **cfg.vae)).eval()
+        module = TextEncoder(CLIPTextModel(text_cfg))
+    elif name == "unet":
+        module = UNet(UNet2DConditionModel(**UNET_BASE, **cfg.unet))
+    else:
+        module = VaeDecoder(AutoencoderKL(**VAE_BASE, **cfg.vae))
+    perturb_constant_parameters(module, cfg.seed + 100 + COMPONENTS.index(name))
+    return module.eval()
+
+
+def perturb_constant_parameters(module, seed: int, scale: float = 0.1) -> None:
+    """Fresh initialisation leaves norm scales at 1 and many biases at 0. Trained weights are not like
+    that, and a graph importer that swapped or dropped a norm's scale and bias would still agree with
+    onnxruntime on such weights; the legacy exporter also merges the identical tensors into one
+    initializer read through Identity nodes. Add seeded noise to every parameter whose values are all
+    equal."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(module.named_parameters()):
+            flat = p.detach().reshape(-1)
+            if bool(torch.all(flat == flat[0])):
+                p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
 def example_inputs(cfg: SDConfig):

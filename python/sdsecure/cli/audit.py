@@ -41,11 +41,13 @@ def _common(p: ArgumentParser) -> None:
 
 
 def build_parser(prog: str | None = None) -> ArgumentParser:
-    p = ArgumentParser(prog=prog, description="Run the sdsecure security gate on a model and report. "
+    p = ArgumentParser(prog=prog, usage="%(prog)s [options]\n       %(prog)s lock --model-id REF [--output PATH]",
+                       description="Run the sdsecure security gate on a model and report. "
                        "Subcommand: 'lock' writes sdsecure.lock.json (see 'lock --help').",
                        epilog="exit codes: 0 allowed, 1 blocked by policy, 2 could not complete")
     _common(p)
     p.add_argument("--format", choices=FORMATS, default="text", help="report format (default: text)")
+    p.add_argument("--json", dest="format", action="store_const", const="json", help="same as --format json")
     p.add_argument("--output", default=None, metavar="FILE",
                    help="write the report to FILE (atomically) instead of stdout")
     p.add_argument("--netron", action="store_true",
@@ -103,10 +105,11 @@ def scan(args, prog: str) -> int:
     return code
 
 
-def show_in_netron(vm, *, port: int = 0, out: TextIO = sys.stdout) -> None:
+def show_in_netron(vm, *, port: int = 0, out: TextIO | None = None) -> None:
     """Print the flagged ONNX file and its nodes, serve it in Netron until Ctrl-C."""
     from sdsecure.gate import netron
 
+    out = out or sys.stdout
     path = netron.flagged_onnx_file(vm.report)
     if path is None:
         print("netron: no ONNX file has findings above info; nothing to inspect", file=out, flush=True)

@@ -78,6 +78,7 @@ class FoldedGraph:
     infos: dict[str, TensorInfo]               # the type of every tensor
     initializers: set[str] = field(default_factory=set)   # names in `consts` that are model weights
     alias: dict[str, str] = field(default_factory=dict)   # Identity output -> source tensor
+    untyped: set[str] = field(default_factory=set)        # outputs of nodes that could not be typed
 
     def resolve(self, name: str) -> str:
         while name in self.alias:
@@ -135,6 +136,7 @@ class _Folder:
         self.infos: dict[str, TensorInfo] = {}
         self.alias: dict[str, str] = {}
         self.initializers: set[str] = set()
+        self.untyped: set[str] = set()
         self._load_inputs(weights, input_shapes)
 
     # -- graph inputs and initializers ---------------------------------------------------------
@@ -202,22 +204,26 @@ class _Folder:
         kept: list[onnx.NodeProto] = []
         for node in self.graph.node:
             node = self._rewired(node)
-            missing = [i for i in node.input if i and i not in self.infos]
+            missing = [i for i in node.input if i and i not in self.infos and i not in self.untyped]
             if missing:
                 raise SpecializeError(f"{self.name}: {node_label(node)} reads {missing[0]!r}, which no earlier "
                                       f"node produces (graph not topologically sorted or malformed)")
-            if not self._fold(node):
+            if any(i in self.untyped for i in node.input):
+                self.untyped.update(o for o in node.output if o)   # downstream of an untyped value
                 kept.append(node)
+            elif not self._fold(node):
+                kept.append(node)
+                self.untyped.update(o for o in node.output if o and o not in self.infos)
         outputs = [o.name for o in self.graph.output]
         for o in outputs:
-            if self.resolve(o) not in self.infos:
+            if self.resolve(o) not in self.infos and self.resolve(o) not in self.untyped:
                 raise SpecializeError(f"{self.name}: graph output {o!r} is never produced")
         used = {self.resolve(o) for o in outputs}
         for n in kept:
             used.update(i for i in n.input if i)
         consts = {k: v for k, v in self.consts.items() if k in used}
         return FoldedGraph(self.name, self.opsets, self.inputs, outputs, self._prune(kept, outputs), consts,
-                           self.infos, self.initializers & set(consts), self.alias)
+                           self.infos, self.initializers & set(consts), self.alias, self.untyped)
 
     def _prune(self, nodes: list[onnx.NodeProto], outputs: list[str]) -> list[onnx.NodeProto]:
         """Drop nodes whose results nobody reads (folding leaves many)."""
@@ -305,8 +311,7 @@ class _Folder:
                 try:
                     out[o] = _info_from_type(inferred[o], f"{node_label(node)} output {o!r}")
                 except SpecializeError:
-                    if not all(i == "" or i in self.consts for i in node.input):
-                        raise
+                    pass  # e.g. a data-dependent shape: left untyped, reported by the importer
         return out
 
     def _evaluate(self, node: onnx.NodeProto) -> list[np.ndarray]:

@@ -65,6 +65,8 @@ def find_problems(folded: FoldedGraph) -> list[Problem]:
         if opdef is None:
             bad(reason)
             continue
+        if any(i in folded.untyped for i in node.input):
+            continue  # a consequence of an earlier problem, which is reported
         kwargs, bad_attrs = attributes(node, schema, opdef)
         if bad_attrs:
             bad(f"attribute {', '.join(bad_attrs)} not supported")
@@ -78,7 +80,7 @@ def find_problems(folded: FoldedGraph) -> list[Problem]:
             continue
         infos = [i for i in view.in_infos + view.out_infos if i is not None]
         if any(o and o not in folded.infos for o in node.output):
-            bad("output type could not be inferred")
+            bad("output shape could not be inferred (data-dependent shape?)")
             continue
         try:
             for info in infos:
@@ -86,7 +88,8 @@ def find_problems(folded: FoldedGraph) -> list[Problem]:
         except TypeError as e:
             bad(str(e))
             continue
-        if any(info.size == 0 for info in infos):
+        dynamic = [i for i, name in zip(view.in_infos, node.input) if i is not None and name not in folded.consts]
+        if any(info.size == 0 for info in dynamic + [i for i in view.out_infos if i is not None]):
             bad("empty tensor")
             continue
         if opdef.check is not None:

@@ -32,6 +32,12 @@ class Blob:
         """The verified bytes as `bytes` (copies large blobs: use view() for weights)."""
         return self.data if isinstance(self.data, bytes) else bytes(self.view())
 
+    def release(self) -> None:
+        """Drop a large blob's pages from this process's resident set after a full pass over it.
+        The bytes stay in the sealed memfd and come back on the next access (nothing is lost)."""
+        if isinstance(self.data, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+            self.data.madvise(mmap.MADV_DONTNEED)
+
     @classmethod
     def from_bytes(cls, data: bytes) -> "Blob":
         return cls(bytes(data), hashlib.sha256(data).hexdigest(), len(data))
@@ -85,6 +91,7 @@ def _read_large(fd: int, size: int, name: str, h: "hashlib._Hash",
     copied = 0                                  # bytes in the memfd so far (written by the copier)
     error: list[BaseException] = []
     cond = threading.Condition()
+    stop = threading.Event()                    # the hashing side failed: stop copying
 
     def copier() -> None:
         nonlocal copied
@@ -92,7 +99,7 @@ def _read_large(fd: int, size: int, name: str, h: "hashlib._Hash",
             done = 0
             use_sendfile = True
             buf = None
-            while done < size:
+            while done < size and not stop.is_set():
                 step = min(WINDOW, size - done)
                 n = 0
                 if use_sendfile:
@@ -112,7 +119,7 @@ def _read_large(fd: int, size: int, name: str, h: "hashlib._Hash",
                 with cond:
                     copied = done
                     cond.notify()
-            if os.pread(fd, 1, size):
+            if not stop.is_set() and os.pread(fd, 1, size):
                 raise OSError(f"{name}: size changed while reading (longer than {size} bytes)")
         except BaseException as exc:  # noqa: BLE001 - handed to the hashing thread
             with cond:
@@ -148,6 +155,7 @@ def _read_large(fd: int, size: int, name: str, h: "hashlib._Hash",
                     fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE)
         mm = mmap.mmap(mfd, size, prot=mmap.PROT_READ, flags=mmap.MAP_SHARED)
     finally:
+        stop.set()
         thread.join()
         os.close(mfd)
     return Blob(mm, h.hexdigest(), size)

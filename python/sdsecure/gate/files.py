@@ -365,6 +365,10 @@ def _resolve_symlink(real_root: Path, rel: str, areas: list[Path], findings: lis
     except OSError as exc:
         findings.append(_finding("FILE-UNREADABLE", Severity.HIGH, rel, f"cannot stat symlink target: {exc.strerror}"))
         return None
+    if stat.S_ISLNK(st.st_mode):        # realpath stops at a loop
+        findings.append(_finding("FILE-SYMLINK-DANGLING", Severity.MEDIUM, rel,
+                                 f"symlink {target!r} loops and names no file", target=target))
+        return None
     if stat.S_ISDIR(st.st_mode):
         findings.append(_finding("FILE-SYMLINK-DIR", Severity.MEDIUM, rel,
                                  f"symlink to a directory ({target!r}) is not followed", target=target))

@@ -97,39 +97,21 @@ def function_path(fn: onnx.FunctionProto) -> str:
     return f"function:{fn.domain}:{fn.name}"
 
 
-def _subgraphs(node: NodeProto) -> Iterator[tuple[str, GraphProto]]:
+GRAPH_OPS = frozenset({"If", "Loop", "Scan", "SequenceMap"})   # standard ops with graph attributes
+
+
+def _subgraphs(node: NodeProto) -> list[tuple[str, GraphProto]]:
+    """Graph-valued attributes of a node. Standard ops other than If/Loop/Scan/SequenceMap have none
+    (runtimes ignore any), so their attribute lists are not scanned here."""
+    if node.domain in ("", "ai.onnx") and node.op_type not in GRAPH_OPS:
+        return []
+    out = []
     for attr in node.attribute:
         if attr.type == AttributeProto.GRAPH:
-            yield attr.name, attr.g
+            out.append((attr.name, attr.g))
         elif attr.type == AttributeProto.GRAPHS:
-            for i, g in enumerate(attr.graphs):
-                yield f"{attr.name}[{i}]", g
-
-
-def _walk_graph_nodes(graph: GraphProto, path: str, in_fn: bool) -> Iterator[NodeLoc]:
-    for i, node in enumerate(graph.node):
-        yield NodeLoc(path, i, node, in_fn)
-        for aname, sub in _subgraphs(node):
-            yield from _walk_graph_nodes(sub, f"{path}/{node_name(node, i)}.{aname}", in_fn)
-
-
-def walk_nodes(model: ModelProto) -> Iterator[NodeLoc]:
-    """Every node of the model: main graph, nested graphs (any depth) and local function bodies."""
-    yield from _walk_graph_nodes(model.graph, MAIN, False)
-    for fn in model.functions:
-        path = function_path(fn)
-        for i, node in enumerate(fn.node):
-            yield NodeLoc(path, i, node, True)
-            for aname, sub in _subgraphs(node):
-                yield from _walk_graph_nodes(sub, f"{path}/{node_name(node, i)}.{aname}", True)
-
-
-def walk_graphs(model: ModelProto) -> Iterator[tuple[str, GraphProto]]:
-    """(path, graph) for the main graph and every nested graph (also those inside functions)."""
-    yield MAIN, model.graph
-    for loc in walk_nodes(model):
-        for aname, sub in _subgraphs(loc.node):
-            yield f"{loc.graph_path}/{loc.name}.{aname}", sub
+            out.extend((f"{attr.name}[{i}]", g) for i, g in enumerate(attr.graphs))
+    return out
 
 
 @dataclass(frozen=True)
@@ -137,54 +119,110 @@ class TensorLoc:
     where: str               # human location, e.g. "main/initializer 'w'", "main/Const_3 (Constant).value"
     tensor: TensorProto
     graph_path: str
+    kind: str = "attribute"  # "initializer" | "sparse" | "attribute" | "function-attribute"
 
 
-def _attr_tensors(loc: NodeLoc) -> Iterator[TensorLoc]:
-    base = loc.where
-    for attr in loc.node.attribute:
-        if attr.type == AttributeProto.TENSOR:
-            yield TensorLoc(f"{base}.{attr.name}", attr.t, loc.graph_path)
-        elif attr.type == AttributeProto.TENSORS:
-            for i, t in enumerate(attr.tensors):
-                yield TensorLoc(f"{base}.{attr.name}[{i}]", t, loc.graph_path)
-        elif attr.type == AttributeProto.SPARSE_TENSOR:
-            yield TensorLoc(f"{base}.{attr.name}.values", attr.sparse_tensor.values, loc.graph_path)
-            yield TensorLoc(f"{base}.{attr.name}.indices", attr.sparse_tensor.indices, loc.graph_path)
-        elif attr.type == AttributeProto.SPARSE_TENSORS:
-            for i, st in enumerate(attr.sparse_tensors):
-                yield TensorLoc(f"{base}.{attr.name}[{i}].values", st.values, loc.graph_path)
-                yield TensorLoc(f"{base}.{attr.name}[{i}].indices", st.indices, loc.graph_path)
+@dataclass
+class ModelIndex:
+    """Everything the walkers yield, collected in one pass over the model (every attribute of every
+    node is looked at once, whatever its op: attackers put tensors and strings where they like)."""
+    nodes: list[NodeLoc] = field(default_factory=list)
+    graphs: list[tuple[str, GraphProto]] = field(default_factory=list)
+    tensors: list[TensorLoc] = field(default_factory=list)
+    sparse: list[tuple[str, onnx.SparseTensorProto]] = field(default_factory=list)
+    string_attrs: list[tuple[str, str]] = field(default_factory=list)   # (where, text)
 
 
-def walk_tensors(model: ModelProto) -> Iterator[TensorLoc]:
+def index_model(model: ModelProto) -> ModelIndex:
+    ix = ModelIndex()
+    G, GS = AttributeProto.GRAPH, AttributeProto.GRAPHS
+    T, TS = AttributeProto.TENSOR, AttributeProto.TENSORS
+    ST, STS = AttributeProto.SPARSE_TENSOR, AttributeProto.SPARSE_TENSORS
+    S, SS = AttributeProto.STRING, AttributeProto.STRINGS
+
+    def graph(g: GraphProto, path: str, in_fn: bool) -> None:
+        ix.graphs.append((path, g))
+        for t in g.initializer:
+            ix.tensors.append(TensorLoc(f"{path}/initializer '{t.name}'", t, path, "initializer"))
+        for st in g.sparse_initializer:
+            w = f"{path}/sparse_initializer '{st.values.name}'"
+            ix.sparse.append((w, st))
+            ix.tensors.append(TensorLoc(w + ".values", st.values, path, "sparse"))
+            ix.tensors.append(TensorLoc(w + ".indices", st.indices, path, "sparse"))
+        nodes(g.node, path, in_fn)
+
+    def nodes(seq, path: str, in_fn: bool) -> None:
+        for i, node in enumerate(seq):
+            loc = NodeLoc(path, i, node, in_fn)
+            ix.nodes.append(loc)
+            if not node.attribute:
+                continue
+            base = None
+            for attr in node.attribute:
+                at = attr.type
+                if at == G or at == GS:
+                    subs = [(attr.name, attr.g)] if at == G else \
+                        [(f"{attr.name}[{k}]", g) for k, g in enumerate(attr.graphs)]
+                    for aname, sub in subs:
+                        graph(sub, f"{path}/{loc.name}.{aname}", in_fn)
+                    continue
+                if at not in (T, TS, ST, STS, S, SS):
+                    continue
+                base = base or loc.where
+                if at == T:
+                    ix.tensors.append(TensorLoc(f"{base}.{attr.name}", attr.t, path))
+                elif at == TS:
+                    ix.tensors.extend(TensorLoc(f"{base}.{attr.name}[{k}]", t, path) for k, t in enumerate(attr.tensors))
+                elif at == ST or at == STS:
+                    sts = [("", attr.sparse_tensor)] if at == ST else \
+                        [(f"[{k}]", st) for k, st in enumerate(attr.sparse_tensors)]
+                    for suffix, st in sts:
+                        w = f"{base}.{attr.name}{suffix}"
+                        ix.sparse.append((w, st))
+                        ix.tensors.append(TensorLoc(w + ".values", st.values, path))
+                        ix.tensors.append(TensorLoc(w + ".indices", st.indices, path))
+                elif at == S:
+                    ix.string_attrs.append((f"{base}.{attr.name}", _decode(attr.s)))
+                else:
+                    ix.string_attrs.extend((f"{base}.{attr.name}[{k}]", _decode(x)) for k, x in enumerate(attr.strings))
+
+    graph(model.graph, MAIN, False)
+    for fn in model.functions:
+        fp = function_path(fn)
+        nodes(fn.node, fp, True)
+        for attr in fn.attribute_proto:
+            if attr.type == T:
+                ix.tensors.append(TensorLoc(f"{fp}.attribute {attr.name}", attr.t, fp, "function-attribute"))
+    return ix
+
+
+def walk_nodes(model: ModelProto | ModelIndex) -> list[NodeLoc]:
+    """Every node of the model: main graph, nested graphs (any depth) and local function bodies."""
+    return (model if isinstance(model, ModelIndex) else index_model(model)).nodes
+
+
+def walk_graphs(model: ModelProto | ModelIndex) -> list[tuple[str, GraphProto]]:
+    """(path, graph) for the main graph and every nested graph (also those inside functions)."""
+    return (model if isinstance(model, ModelIndex) else index_model(model)).graphs
+
+
+def walk_tensors(model: ModelProto | ModelIndex) -> list[TensorLoc]:
     """Every TensorProto: initializers and sparse initializers of every graph, tensor-valued node
     attributes (Constant values, ...) everywhere, function attribute defaults."""
-    for path, graph in walk_graphs(model):
-        for t in graph.initializer:
-            yield TensorLoc(f"{path}/initializer '{t.name}'", t, path)
-        for st in graph.sparse_initializer:
-            yield TensorLoc(f"{path}/sparse_initializer '{st.values.name}'.values", st.values, path)
-            yield TensorLoc(f"{path}/sparse_initializer '{st.values.name}'.indices", st.indices, path)
-    for loc in walk_nodes(model):
-        yield from _attr_tensors(loc)
-    for fn in model.functions:
-        for attr in fn.attribute_proto:
-            if attr.type == AttributeProto.TENSOR:
-                yield TensorLoc(f"{function_path(fn)}.attribute {attr.name}", attr.t, function_path(fn))
+    return (model if isinstance(model, ModelIndex) else index_model(model)).tensors
 
 
-def walk_sparse(model: ModelProto) -> Iterator[tuple[str, onnx.SparseTensorProto]]:
+def walk_sparse(model: ModelProto | ModelIndex) -> list[tuple[str, onnx.SparseTensorProto]]:
     """Every SparseTensorProto (initializers and attributes), with its location."""
-    for path, graph in walk_graphs(model):
-        for st in graph.sparse_initializer:
-            yield f"{path}/sparse_initializer '{st.values.name}'", st
-    for loc in walk_nodes(model):
-        for attr in loc.node.attribute:
-            if attr.type == AttributeProto.SPARSE_TENSOR:
-                yield f"{loc.where}.{attr.name}", attr.sparse_tensor
-            elif attr.type == AttributeProto.SPARSE_TENSORS:
-                for i, st in enumerate(attr.sparse_tensors):
-                    yield f"{loc.where}.{attr.name}[{i}]", st
+    return (model if isinstance(model, ModelIndex) else index_model(model)).sparse
+
+
+def cached_index(ctx: Any, path: str, model: ModelProto) -> ModelIndex:
+    """The ModelIndex of ctx's file `path`, built once per scan (ScanContext.cache)."""
+    key = ("onnx-index", path)
+    if key not in ctx.cache:
+        ctx.cache[key] = index_model(model)
+    return ctx.cache[key]
 
 
 @dataclass(frozen=True)
@@ -198,10 +236,12 @@ def _decode(b: bytes) -> str:
     return b.decode("utf-8", errors="replace")
 
 
-def walk_strings(model: ModelProto, max_tensor_strings: int = 100_000) -> Iterator[StringLoc]:
+def walk_strings(model: ModelProto, index: ModelIndex | None = None,
+                 max_tensor_strings: int = 100_000) -> Iterator[StringLoc]:
     """Every free-text string an attacker can put in a model: doc strings (model, graphs, nodes,
     functions, value infos, tensors), metadata_props (model, graphs, nodes, functions), string
     attributes and string tensors."""
+    ix = index or index_model(model)
     if model.doc_string:
         yield StringLoc("model.doc_string", "doc_string", model.doc_string)
     for p in model.metadata_props:
@@ -210,7 +250,7 @@ def walk_strings(model: ModelProto, max_tensor_strings: int = 100_000) -> Iterat
         v = getattr(model, fld)
         if v:
             yield StringLoc(f"model.{fld}", "model field", v)
-    for path, graph in walk_graphs(model):
+    for path, graph in ix.graphs:
         if graph.doc_string:
             yield StringLoc(f"{path}.doc_string", "doc_string", graph.doc_string)
         for p in graph.metadata_props:
@@ -224,20 +264,16 @@ def walk_strings(model: ModelProto, max_tensor_strings: int = 100_000) -> Iterat
             yield StringLoc(f"{fp}.doc_string", "doc_string", fn.doc_string)
         for p in fn.metadata_props:
             yield StringLoc(f"{fp}.metadata_props[{p.key!r}]", "metadata", p.value)
-    for loc in walk_nodes(model):
+    for loc in ix.nodes:
         node = loc.node
         if node.doc_string:
             yield StringLoc(f"{loc.where}.doc_string", "doc_string", node.doc_string)
         for p in node.metadata_props:
             yield StringLoc(f"{loc.where}.metadata_props[{p.key!r}]", "metadata", p.value)
-        for attr in node.attribute:
-            if attr.type == AttributeProto.STRING:
-                yield StringLoc(f"{loc.where}.{attr.name}", "attribute", _decode(attr.s))
-            elif attr.type == AttributeProto.STRINGS:
-                for i, s in enumerate(attr.strings):
-                    yield StringLoc(f"{loc.where}.{attr.name}[{i}]", "attribute", _decode(s))
+    for where, text in ix.string_attrs:
+        yield StringLoc(where, "attribute", text)
     count = 0
-    for tl in walk_tensors(model):
+    for tl in ix.tensors:
         t = tl.tensor
         if t.doc_string:
             yield StringLoc(f"{tl.where}.doc_string", "doc_string", t.doc_string)
@@ -276,9 +312,9 @@ def _copy_fields(src: Any, dst: Any, skip: tuple[str, ...]) -> None:
     for fd, value in src.ListFields():
         if fd.name in skip:
             continue
-        if fd.label == fd.LABEL_REPEATED:
+        if hasattr(value, "extend") and not isinstance(value, (str, bytes)):     # repeated field
             getattr(dst, fd.name).extend(value)
-        elif fd.type == fd.TYPE_MESSAGE:
+        elif hasattr(value, "CopyFrom"):                                       # message field
             getattr(dst, fd.name).CopyFrom(value)
         else:
             setattr(dst, fd.name, value)
@@ -288,7 +324,7 @@ class StructuralCopyError(Exception):
     """The model has tensor payloads that cannot be left out of a structural copy."""
 
 
-def structural_copy(model: ModelProto, keep_bytes: int = 1 << 16) -> ModelProto:
+def structural_copy(model: ModelProto, keep_bytes: int = 1 << 16, index: ModelIndex | None = None) -> ModelProto:
     """A copy of `model` whose main-graph initializers that are external or larger than
     `keep_bytes` are turned into typed graph inputs (same name, type and dims, no data).
 
@@ -308,16 +344,75 @@ def structural_copy(model: ModelProto, keep_bytes: int = 1 << 16) -> ModelProto:
         else:
             g.initializer.append(t)
     # external tensors anywhere else cannot be dropped without changing the model's meaning
-    for path, graph in walk_graphs(out):
-        if path == MAIN:
-            continue
-        if any(uses_external(t) for t in graph.initializer):
-            raise StructuralCopyError(f"external initializer in subgraph {path}")
-    for loc in walk_nodes(out):
-        for tl in _attr_tensors(loc):
+    for tl in (index or index_model(model)).tensors:
+        if not (tl.graph_path == MAIN and tl.kind == "initializer"):
             if uses_external(tl.tensor):
-                raise StructuralCopyError(f"external tensor in attribute {tl.where}")
+                raise StructuralCopyError(f"external tensor outside the main graph's initializers: {tl.where}")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# the pipeline's input shapes, and the structural copy shared by the checker and shape inference
+# ----------------------------------------------------------------------------------------------
+
+SD_INPUTS = {"input_ids": (2, 77), "sample": (2, 4, 64, 64), "latent_sample": (2, 4, 64, 64)}
+
+
+def pipeline_input_shapes(ctx: Any, path: str, model: ModelProto) -> dict[str, tuple[int, ...]]:
+    """Concrete shapes of the graph inputs: ctx.input_shapes, else SD defaults, else 1 per dynamic dim."""
+    given = ctx.input_shapes.get(path, {})
+    init = {t.name for t in model.graph.initializer}
+    out: dict[str, tuple[int, ...]] = {}
+    for vi in model.graph.input:
+        if vi.name in init or not vi.type.HasField("tensor_type"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+        if vi.name in given:
+            out[vi.name] = tuple(int(x) for x in given[vi.name])
+            continue
+        if ctx.is_sd_repo:
+            if vi.name in SD_INPUTS and len(dims) == len(SD_INPUTS[vi.name]):
+                out[vi.name] = tuple(d if d is not None else s for d, s in zip(dims, SD_INPUTS[vi.name]))
+                continue
+            if vi.name == "encoder_hidden_states" and len(dims) == 3:
+                out[vi.name] = (dims[0] or 2, dims[1] or 77, dims[2] or 768)
+                continue
+            if vi.name == "timestep":
+                out[vi.name] = tuple(d if d is not None else 2 for d in dims)
+                continue
+        out[vi.name] = tuple(d if d is not None else 1 for d in dims)
+    return out
+
+
+def _fix_inputs(model: ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
+    for vi in model.graph.input:
+        if vi.name not in shapes or not vi.type.HasField("tensor_type"):
+            continue
+        shp = vi.type.tensor_type.shape
+        shp.ClearField("dim")
+        for d in shapes[vi.name]:
+            shp.dim.add().dim_value = int(d)
+
+
+STRUCTURAL_KEEP_BYTES = 4096
+
+
+def structural_bytes(ctx: Any, path: str, model: ModelProto) -> bytes:
+    """The serialized structural copy of ctx's file `path`, with its graph inputs fixed to the
+    pipeline's shapes (cached per scan; used by onnx.checker and by shape inference).
+    Raises StructuralCopyError (also cached) when no such copy can be made."""
+    key = ("onnx-structural", path)
+    if key not in ctx.cache:
+        try:
+            copy = structural_copy(model, STRUCTURAL_KEEP_BYTES, index=cached_index(ctx, path, model))
+            _fix_inputs(copy, pipeline_input_shapes(ctx, path, model))
+            ctx.cache[key] = copy.SerializeToString()
+        except StructuralCopyError as exc:
+            ctx.cache[key] = exc
+    value = ctx.cache[key]
+    if isinstance(value, StructuralCopyError):
+        raise value
+    return value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,36 +425,53 @@ class FlatNode:
     op: str                          # op type ("If", "Add", ...) or a pseudo op ("<enter>", "<return>")
     domain: str
     name: str                        # node name (or "#i")
-    where: str                       # "main/If_3.then_branch/Where_7 (Where)"
+    path: str                        # graph path of the node, e.g. "main/If_3.then_branch"
     inputs: list[str | None]         # tensor ids (None for an omitted optional input)
     outputs: list[str]               # tensor ids
     proto: NodeProto | None          # None for pseudo nodes
     # deps[i]: the input positions output i depends on (None: every input)
     deps: list[tuple[int, ...]] | None = None
     control: tuple[int, ...] = ()    # input positions that select/steer (If cond, Loop M/cond)
+    suffix: str = ""                 # for pseudo nodes: " [body inputs]", " [returns y]"
 
     @property
-    def label(self) -> str:
-        return self.where
+    def where(self) -> str:
+        """"main/If_3.then_branch/Where_7 (Where)" (pseudo nodes name the node they belong to)."""
+        shown = self.proto.op_type if self.proto is not None else self.op
+        if self.op in ("<enter>", "<return>"):
+            shown = self.name_op
+        return f"{self.path}/{self.name} ({shown}){self.suffix}"
+
+    name_op: str = ""                # op type of the owning node, for pseudo nodes
 
 
 @dataclass
 class FlatGraph:
     nodes: list[FlatNode] = field(default_factory=list)
     producer: dict[str, int] = field(default_factory=dict)       # tensor id -> node index
-    consumers: dict[str, list[int]] = field(default_factory=dict)
     inputs: list[str] = field(default_factory=list)               # main graph inputs (not initializers)
     outputs: list[str] = field(default_factory=list)              # main graph outputs
     initializers: dict[str, TensorProto] = field(default_factory=dict)  # id -> tensor (all graphs)
     display: dict[str, str] = field(default_factory=dict)         # id -> name as in the file
 
+    _consumers: dict[str, list[int]] | None = None
+
     def add(self, node: FlatNode) -> None:
         self.nodes.append(node)
         for t in node.outputs:
             self.producer[t] = node.index
-        for t in node.inputs:
-            if t is not None:
-                self.consumers.setdefault(t, []).append(node.index)
+
+    @property
+    def consumers(self) -> dict[str, list[int]]:
+        """tensor id -> indices of the nodes that read it (built on first use)."""
+        if self._consumers is None:
+            cons: dict[str, list[int]] = {}
+            for node in self.nodes:
+                for t in node.inputs:
+                    if t is not None:
+                        cons.setdefault(t, []).append(node.index)
+            self._consumers = cons
+        return self._consumers
 
     def name_of(self, tid: str) -> str:
         return self.display.get(tid, tid)
@@ -397,9 +509,10 @@ def flatten(model: ModelProto) -> FlatGraph:
     functions = {(f.domain, f.name): f for f in model.functions}
     root = _Scope(None, "")
 
-    def emit(op: str, domain: str, name: str, where: str, inputs: list[str | None], outputs: list[str],
-             proto: NodeProto | None, deps=None, control: tuple[int, ...] = ()) -> None:
-        fg.add(FlatNode(len(fg.nodes), op, domain, name, where, inputs, outputs, proto, deps, control))
+    def emit(op: str, domain: str, name: str, path: str, inputs: list[str | None], outputs: list[str],
+             proto: NodeProto | None, deps=None, control: tuple[int, ...] = (), suffix: str = "",
+             name_op: str = "") -> None:
+        fg.add(FlatNode(len(fg.nodes), op, domain, name, path, inputs, outputs, proto, deps, control, suffix, name_op))
 
     def graph_body(graph: GraphProto, scope: _Scope, path: str, depth: int) -> None:
         for t in graph.initializer:
@@ -409,17 +522,16 @@ def flatten(model: ModelProto) -> FlatGraph:
         for st in graph.sparse_initializer:
             tid = scope.define(st.values.name)
             fg.display[tid] = st.values.name
-            emit("<sparse>", "", st.values.name, f"{path}/sparse_initializer '{st.values.name}'", [], [tid], None)
+            emit("<sparse>", "", f"sparse_initializer '{st.values.name}'", path, [], [tid], None)
         for i, node in enumerate(graph.node):
             one_node(node, i, scope, path, depth)
 
     def one_node(node: NodeProto, i: int, scope: _Scope, path: str, depth: int) -> None:
-        name = node_name(node, i)
-        where = node_where(path, node, i)
+        name = node.name or f"#{i}"
         ins = [scope.resolve(x) if x else None for x in node.input]
-        fn = functions.get((node.domain, node.op_type))
+        fn = functions.get((node.domain, node.op_type)) if functions else None
         if fn is not None and depth < MAX_INLINE_DEPTH:
-            inline_function(fn, node, name, where, ins, scope, path, depth)
+            inline_function(fn, node, name, ins, scope, path, depth)
             return
         subs = list(_subgraphs(node))
         if node.op_type == "If" and subs:
@@ -442,7 +554,7 @@ def flatten(model: ModelProto) -> FlatGraph:
                 if k < len(else_o):
                     d.append(1 + len(then_o) + k)
                 deps.append(tuple(d))
-            emit("If", node.domain, name, where, all_in, outs, node, deps, control=(0,))
+            emit("If", node.domain, name, path, all_in, outs, node, deps, control=(0,))
             return
         if node.op_type in ("Loop", "Scan") and subs:
             _aname, body = subs[0]
@@ -454,7 +566,8 @@ def flatten(model: ModelProto) -> FlatGraph:
             # the enter node maps the loop's inputs (and, via the fixpoint, the carried outputs)
             # onto the body's formal inputs
             enter_idx = len(fg.nodes)
-            emit("<enter>", "", name, where + " [body inputs]", list(ins), body_in, None, None)
+            emit("<enter>", "", name, path, list(ins), body_in, None, None, suffix=" [body inputs]",
+                 name_op=node.op_type)
             graph_body(body, bscope, bpath, depth)
             body_out = [bscope.resolve(o.name) for o in body.output]
             outs = [scope.define(o) for o in node.output]
@@ -470,15 +583,13 @@ def flatten(model: ModelProto) -> FlatGraph:
                     if 1 + k < len(body_out):
                         enter.inputs.append(body_out[1 + k])
                         enter.deps[2 + k] = enter.deps[2 + k] + (len(enter.inputs) - 1,)
-                        fg.consumers.setdefault(body_out[1 + k], []).append(enter_idx)
                 all_in = list(ins) + body_out
                 deps = [(0, 1, len(ins) + 1 + k) for k in range(len(outs))]
-                emit("Loop", node.domain, name, where, all_in, outs, node, deps, control=(0, 1))
+                emit("Loop", node.domain, name, path, all_in, outs, node, deps, control=(0, 1))
             else:
                 all_in = list(ins) + body_out
-                n_state = len(body_out) - max(len(outs) - 0, 0)
                 deps = [tuple(range(len(ins))) + (len(ins) + k,) for k in range(len(outs))]
-                emit("Scan", node.domain, name, where, all_in, outs, node, deps)
+                emit("Scan", node.domain, name, path, all_in, outs, node, deps)
             return
         # ordinary node (graph attributes of unknown ops are analysed as separate bodies)
         for aname, sub in subs:
@@ -489,9 +600,9 @@ def flatten(model: ModelProto) -> FlatGraph:
         outs = [scope.define(o) if o else f"{path}/{name}::<unused{k}>" for k, o in enumerate(node.output)]
         for o, n in zip(outs, node.output):
             fg.display[o] = n
-        emit(node.op_type, node.domain, name, where, ins, outs, node)
+        emit(node.op_type, node.domain, name, path, ins, outs, node)
 
-    def inline_function(fn: onnx.FunctionProto, node: NodeProto, name: str, where: str,
+    def inline_function(fn: onnx.FunctionProto, node: NodeProto, name: str,
                         ins: list[str | None], scope: _Scope, path: str, depth: int) -> None:
         fpath = f"{path}/{name}.{fn.domain}:{fn.name}"
         fscope = _Scope(None, fpath)   # functions see only their formal inputs
@@ -504,7 +615,8 @@ def flatten(model: ModelProto) -> FlatGraph:
         for o, n in zip(outs, node.output):
             fg.display[o] = n
         for formal, actual in zip(fn.output, outs):
-            emit("<return>", "", name, where + f" [returns {formal}]", [fscope.resolve(formal)], [actual], None)
+            emit("<return>", "", name, path, [fscope.resolve(formal)], [actual], None,
+                 suffix=f" [returns {formal}]", name_op=node.op_type)
 
     for vi in model.graph.input:
         tid = root.define(vi.name)

@@ -30,6 +30,7 @@ from sdsecure.pipeline.tokenizer import MAX_LENGTH, PromptTokenizer
 LATENT_SCALE = 0.18215          # SD 1.x VAE scaling factor
 CFG_BATCH = 2
 MAX_SIDE = 2048
+SIDE_MULTIPLE = 64             # 8 (VAE) x 2^3 (UNet down-sampling)
 MAX_STEPS = 1000
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 TOKENIZER_FILES = ("tokenizer/vocab.json", "tokenizer/merges.txt")
@@ -42,11 +43,17 @@ _ONNX_DTYPES = {1: np.float32, 6: np.int32, 7: np.int64, 10: np.float16, 11: np.
 
 
 def check_size(height: int, width: int) -> tuple[int, int]:
+    """Image sides: multiples of 8 (the VAE's factor), and of 64 because SD 1.5's UNet halves the latent
+    three times and its ONNX exports concatenate skip connections of exactly twice the size (a 96-pixel
+    side fails inside the graph: latents 12 -> 6 -> 3 -> 2, upsampled to 4 against 3)."""
     for name, v in (("height", height), ("width", width)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise UserError(f"{name} must be an integer, got {v!r}")
         if v <= 0 or v % 8:
             raise UserError(f"{name} must be a positive multiple of 8, got {v}")
+        if v % SIDE_MULTIPLE:
+            raise UserError(f"{name} must be a multiple of {SIDE_MULTIPLE} (SD 1.5's UNet halves the {v // 8}-wide "
+                            f"latent three times), got {v}: try {max(SIDE_MULTIPLE, round(v / SIDE_MULTIPLE) * SIDE_MULTIPLE)}")
         if v > MAX_SIDE:
             raise UserError(f"{name} {v} is larger than {MAX_SIDE}")
     return int(height), int(width)
@@ -166,7 +173,10 @@ class StableDiffusion15:
         self.backend = backend
         self.scheduler_override = scheduler
         # scheduler and tokenizer first: cheap, and their errors come before any compile
-        self._scheduler_config = model.read_json(SCHEDULER_CONFIG)
+        try:
+            self._scheduler_config = model.read_json(SCHEDULER_CONFIG)
+        except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
+            raise UserError(f"{SCHEDULER_CONFIG} of model {model.ref!r} is not valid JSON: {e}") from None
         self.scheduler: Scheduler = scheduler_from_config(self._scheduler_config, scheduler)
 
         te_proto = model.onnx_model(COMPONENT_FILES["text_encoder"])

@@ -74,19 +74,13 @@ def mod(n: Node, a, b, *, fmod: int):
     return r
 
 
-def _pow_check(n: Node, **_) -> str | None:
-    if _is_int_dtype(n.in_infos[0]):
-        return "integer base"
-    return None
-
-
-def _is_int_dtype(info) -> bool:
-    return info is not None and np.issubdtype(info.dtype, np.integer)
-
-
-@register("Pow", check=_pow_check)
+@register("Pow")
 def pow_(n: Node, a, b):
     x = n.t(a)
+    if not x.dtype.is_float():  # integer power: exact in float64 for the magnitudes ints can hold
+        y = n.t(b)
+        r = ops.pow(ops.cast(x, DType.float64), ops.cast(y, DType.float64))
+        return ops.cast(ops.floor(r + n.scalar(0.5, r)), x.dtype)
     if isinstance(b, np.ndarray) and b.size == 1 and b.ndim <= _rank(a):
         e = float(b.reshape(()).item())
         if e == 1.0:

@@ -113,8 +113,6 @@ def instance_norm(n: Node, x, scale, bias, *, epsilon: float):
 
 
 def _layer_norm_check(n: Node, **_) -> str | None:
-    if len([o for o in n.proto.output if o]) > 1:
-        return "Mean/InvStdDev outputs"
     return _float_only(n)
 
 
@@ -125,8 +123,9 @@ def layer_norm(n: Node, x, scale, bias=None, *, axis: int, epsilon: float, stash
     norm_shape = list(shape[axis:])
     size = int(np.prod(norm_shape))
     x = n.t(x)
-    fused = all(i is None or i.shape[-len(norm_shape):] == tuple(norm_shape) and i.size == size
-                for i in n.in_infos[1:3])
+    extra = len(n.proto.output) > 1
+    fused = not extra and all(i is None or i.shape[-len(norm_shape):] == tuple(norm_shape) and i.size == size
+                              for i in n.in_infos[1:3])
     if fused and float(epsilon) > 0:
         flat = x if axis == len(shape) - 1 else ops.reshape(x, list(shape[:axis]) + [size])
         y = ops.layer_norm(flat, _vector(n, scale, size, x, 1.0), _vector(n, bias, size, x, 0.0), float(epsilon))
@@ -136,9 +135,12 @@ def layer_norm(n: Node, x, scale, bias=None, *, axis: int, epsilon: float, stash
     mean = _reduce_axes(x, axes, ops.mean)
     d = x - mean
     var = _reduce_axes(d * d, axes, ops.mean)
-    y = d * ops.rsqrt(var + n.scalar(float(epsilon), x)) * operand(n, scale, x)
+    inv_std = ops.rsqrt(var + n.scalar(float(epsilon), x))
+    y = d * inv_std * operand(n, scale, x)
     if bias is not None:
         y = y + operand(n, bias, x)
+    if extra:
+        return y, mean, inv_std
     return y
 
 

@@ -42,7 +42,15 @@ class ScanContext:
             import onnx
 
             try:
-                self.cache[key] = onnx.load_model_from_string(self.files[path].bytes())
+                # parse straight from the verified bytes (no copy of a large blob), then let the
+                # pages go from the resident set (they stay in the sealed memfd)
+                blob = self.files[path]
+                model = onnx.ModelProto()
+                used = model.ParseFromString(blob.view())
+                if used is not None and used != blob.size:
+                    raise ValueError(f"protobuf decoding consumed {used} of {blob.size} bytes")
+                blob.release()
+                self.cache[key] = model
             except Exception as exc:  # noqa: BLE001 - any parse failure is a finding, not a crash
                 self.cache[key] = None
                 self.cache[("onnx-error", path)] = f"{type(exc).__name__}: {exc}"

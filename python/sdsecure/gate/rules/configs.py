@@ -205,8 +205,9 @@ def _check_number(path: str, cfg: dict, key: str, lo: float, hi: float, *, integ
     v = cfg[key]
     ok_type = isinstance(v, int) if integer else isinstance(v, (int, float))
     if isinstance(v, bool) or not ok_type or not math.isfinite(v) or not lo <= v <= hi:
-        sev = Severity.HIGH if (bomb is not None and ok_type and not isinstance(v, bool)
-                                and math.isfinite(v) and v > bomb) else Severity.MEDIUM
+        numeric = isinstance(v, (int, float)) and not isinstance(v, bool)
+        sev = Severity.HIGH if (bomb is not None and numeric and (not math.isfinite(v) or v > bomb)) \
+            else Severity.MEDIUM
         return [Finding(SCHED_VALUE.id, sev, path, key, f"{key} = {json.dumps(v)[:60]} outside "
                         f"[{lo:g}, {hi:g}]", {"key": key, "value": v, "range": [lo, hi]})]
     return []

@@ -17,8 +17,9 @@ import numpy as np
 import onnx
 
 from sdsecure.gate.blob import Blob
-from sdsecure.gate.onnx_graph import (MAIN, ConstFolder, FlatGraph, StructuralCopyError, flatten,
-                                      num_elements, structural_copy, walk_graphs)
+from sdsecure.gate.onnx_graph import (GRAPH_OPS, MAIN, ConstFolder, FlatGraph, StructuralCopyError, cached_index,
+                                      flatten, node_name, num_elements, pipeline_input_shapes, structural_bytes,
+                                      walk_graphs)
 from sdsecure.gate.report import Finding, Severity
 from sdsecure.gate.rules import ScanContext, declare, file_rule
 
@@ -38,45 +39,6 @@ BOMB = declare(
          "component needs a tensor anywhere near this size."),
 )
 
-SD_INPUTS = {"input_ids": (2, 77), "sample": (2, 4, 64, 64), "latent_sample": (2, 4, 64, 64)}
-
-
-def pipeline_input_shapes(ctx: ScanContext, path: str, model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """Concrete shapes of the graph inputs: ctx.input_shapes, else SD defaults, else 1 per dynamic dim."""
-    given = ctx.input_shapes.get(path, {})
-    init = {t.name for t in model.graph.initializer}
-    out: dict[str, tuple[int, ...]] = {}
-    for vi in model.graph.input:
-        if vi.name in init or not vi.type.HasField("tensor_type"):
-            continue
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-        if vi.name in given:
-            out[vi.name] = tuple(int(x) for x in given[vi.name])
-            continue
-        if ctx.is_sd_repo:
-            if vi.name in SD_INPUTS and len(dims) == len(SD_INPUTS[vi.name]):
-                out[vi.name] = tuple(d if d is not None else s for d, s in zip(dims, SD_INPUTS[vi.name]))
-                continue
-            if vi.name == "encoder_hidden_states" and len(dims) == 3:
-                out[vi.name] = (dims[0] or 2, dims[1] or 77, dims[2] or 768)
-                continue
-            if vi.name == "timestep":
-                out[vi.name] = tuple(d if d is not None else 2 for d in dims)
-                continue
-        out[vi.name] = tuple(d if d is not None else 1 for d in dims)
-    return out
-
-
-def _fix_inputs(model: onnx.ModelProto, shapes: dict[str, tuple[int, ...]]) -> None:
-    for vi in model.graph.input:
-        if vi.name not in shapes or not vi.type.HasField("tensor_type"):
-            continue
-        shp = vi.type.tensor_type.shape
-        shp.ClearField("dim")
-        for d in shapes[vi.name]:
-            shp.dim.add().dim_value = int(d)
-
-
 def _static(vi: onnx.ValueInfoProto) -> tuple[int, ...] | None:
     if not vi.type.HasField("tensor_type") or not vi.type.tensor_type.HasField("shape"):
         return None
@@ -88,27 +50,53 @@ def _static(vi: onnx.ValueInfoProto) -> tuple[int, ...] | None:
     return tuple(dims)
 
 
-def inferred_shapes(ctx: ScanContext, path: str, model: onnx.ModelProto) -> dict[str, tuple[int, ...]]:
-    """{flat tensor id: static shape} after shape inference at the pipeline's input shapes (cached)."""
+class Shapes:
+    """Static shapes by flat tensor id, read lazily from the shape-inferred structural copy."""
+
+    def __init__(self, infos: dict[str, object]) -> None:
+        self.infos, self.memo = infos, {}
+
+    def get(self, tid: str | None) -> tuple[int, ...] | None:
+        if tid is None:
+            return None
+        if tid not in self.memo:
+            info = self.infos.get(tid)
+            if info is None:
+                self.memo[tid] = None
+            elif isinstance(info, onnx.TensorProto):
+                self.memo[tid] = tuple(info.dims)
+            else:
+                self.memo[tid] = _static(info)
+        return self.memo[tid]
+
+
+def inferred_shapes(ctx: ScanContext, path: str, model: onnx.ModelProto) -> Shapes:
+    """Static shapes after shape inference at the pipeline's input shapes (cached per file)."""
     key = ("onnx-inferred-shapes", path)
     if key in ctx.cache:
         return ctx.cache[key]
-    shapes: dict[str, tuple[int, ...]] = {}
+    infos: dict[str, object] = {}
+
+    def collect(graph: onnx.GraphProto, gpath: str) -> None:
+        prefix = "" if gpath == MAIN else gpath + "::"
+        for t in graph.initializer:
+            infos[prefix + t.name] = t
+        for vis in (graph.input, graph.value_info, graph.output):
+            for vi in vis:
+                infos[prefix + vi.name] = vi
+        for i, node in enumerate(graph.node):
+            if node.op_type in GRAPH_OPS or node.domain not in ("", "ai.onnx"):
+                for attr in node.attribute:
+                    if attr.type == onnx.AttributeProto.GRAPH:
+                        collect(attr.g, f"{gpath}/{node_name(node, i)}.{attr.name}")
+
     try:
-        copy = structural_copy(model)
-        _fix_inputs(copy, pipeline_input_shapes(ctx, path, model))
-        inferred = onnx.shape_inference.infer_shapes(copy, check_type=False, strict_mode=False, data_prop=True)
-        for gpath, graph in walk_graphs(inferred):
-            prefix = "" if gpath == MAIN else gpath + "::"
-            for vi in list(graph.input) + list(graph.value_info) + list(graph.output):
-                s = _static(vi)
-                if s is not None:
-                    shapes[prefix + vi.name] = s
-            for t in graph.initializer:
-                shapes[prefix + t.name] = tuple(t.dims)
+        inferred = onnx.shape_inference.infer_shapes(structural_bytes(ctx, path, model), check_type=False,
+                                                     strict_mode=False, data_prop=True)
+        collect(inferred.graph, MAIN)
     except (StructuralCopyError, Exception):  # noqa: BLE001 - inference failure: fold what we can
         pass
-    ctx.cache[key] = shapes
+    ctx.cache[key] = shapes = Shapes(infos)
     return shapes
 
 
@@ -119,8 +107,8 @@ def flat_graph(ctx: ScanContext, path: str, model: onnx.ModelProto) -> FlatGraph
     return ctx.cache[key]
 
 
-def _declared(model: onnx.ModelProto) -> Iterator[tuple[str, str, list]]:
-    for gpath, graph in walk_graphs(model):
+def _declared(ix) -> Iterator[tuple[str, str, list]]:
+    for gpath, graph in walk_graphs(ix):
         for kind, vis in (("input", graph.input), ("output", graph.output), ("value_info", graph.value_info)):
             for vi in vis:
                 if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape"):
@@ -227,12 +215,13 @@ def check_bombs(ctx: ScanContext, path: str, blob: Blob) -> Iterator[Finding]:
     model = ctx.onnx(path)
     if model is None:
         return
-    for where, name, dims in _declared(model):
+    ix = cached_index(ctx, path, model)
+    for where, name, dims in _declared(ix):
         if any(d < 0 for d in dims) or num_elements(dims) > ELEMENT_CAP:
             yield Finding(BOMB.id, BOMB.severity, path, where,
                           f"{name!r} declares dims {dims} ({num_elements(dims):.3g} elements, cap {ELEMENT_CAP})",
                           {"tensor": name, "dims": dims, "elements": num_elements(dims), "cap": ELEMENT_CAP})
-    if not any(n.op_type in SIZE_OPS for g in walk_graphs(model) for n in g[1].node) and not model.functions:
+    if not any(loc.node.op_type in SIZE_OPS for loc in ix.nodes):
         return
     shapes = inferred_shapes(ctx, path, model)
     fg = flat_graph(ctx, path, model)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Iterator
 
 from sdsecure.gate.blob import Blob
-from sdsecure.gate.onnx_graph import walk_nodes
+from sdsecure.gate.onnx_graph import cached_index, walk_nodes
 from sdsecure.gate.report import Finding, Severity
 from sdsecure.gate.rules import ScanContext, declare, file_rule
 
@@ -73,8 +73,9 @@ def check_domains(ctx: ScanContext, path: str, blob: Blob) -> Iterator[Finding]:
     if model is None:
         return
     local = _fn_keys(model)
+    ix = cached_index(ctx, path, model)
     seen_unknown: dict[tuple[str, str], list[str]] = {}
-    for loc in walk_nodes(model):
+    for loc in walk_nodes(ix):
         node = loc.node
         dom = "" if node.domain == "ai.onnx" else node.domain
         op_l = node.op_type.lower()
@@ -108,7 +109,7 @@ def check_domains(ctx: ScanContext, path: str, blob: Blob) -> Iterator[Finding]:
                           f"local function {fn.name!r} is declared in host-code domain {fn.domain!r}; "
                           "a runtime with that domain registered may run host code instead of the body",
                           {"function": fn.name, "domain": fn.domain})
-    used = {n.node.domain for n in walk_nodes(model)}
+    used = {n.node.domain for n in walk_nodes(ix)}
     for imp in model.opset_import:
         if imp.domain in HOSTCODE_DOMAINS and imp.domain not in used:
             yield Finding(HOSTCODE.id, Severity.MEDIUM, path, "model.opset_import",

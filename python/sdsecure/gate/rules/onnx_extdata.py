@@ -14,7 +14,7 @@ import re
 from typing import Iterator
 
 from sdsecure.gate.blob import Blob
-from sdsecure.gate.onnx_graph import elem_bits, num_elements, type_name, uses_external, walk_tensors
+from sdsecure.gate.onnx_graph import cached_index, elem_bits, num_elements, type_name, uses_external, walk_tensors
 from sdsecure.gate.report import Finding, Severity
 from sdsecure.gate.rules import ScanContext, declare, file_rule
 
@@ -131,7 +131,8 @@ def check_external_data(ctx: ScanContext, path: str, blob: Blob) -> Iterator[Fin
         return
     folder = posixpath.dirname(path)
     ranges: dict[str, list[tuple[int, int, str]]] = {}
-    for tl in walk_tensors(model):
+    missing: dict[str, list[tuple[str, str, str]]] = {}     # resolved path -> [(where, tensor, location)]
+    for tl in walk_tensors(cached_index(ctx, path, model)):
         t = tl.tensor
         entries = list(t.external_data)
         if not uses_external(t):
@@ -183,10 +184,7 @@ def check_external_data(ctx: ScanContext, path: str, blob: Blob) -> Iterator[Fin
         target = resolve(path, location)
         data = ctx.files.get(target)
         if data is None:
-            yield Finding(MISSING.id, MISSING.severity, path, tl.where,
-                          f"tensor {t.name!r}: external data file {target!r} is not a regular file of the "
-                          "verified snapshot (absent, or a link the gate refused to read)",
-                          {**ev, "resolved": target, "model_folder": folder or "."})
+            missing.setdefault(target, []).append((tl.where, t.name, location))
             continue
         # --- offset / length -------------------------------------------------------------------
         off_s, len_s = info.get("offset"), info.get("length")
@@ -219,6 +217,14 @@ def check_external_data(ctx: ScanContext, path: str, blob: Blob) -> Iterator[Fin
                               {**ev, "resolved": target, "offset": offset, "length": length,
                                "length_given": len_s is not None, "expected": expected})
         ranges.setdefault(target, []).append((offset, offset + length, tl.where))
+    for target, uses in missing.items():
+        where, tensor, location = uses[0]
+        yield Finding(MISSING.id, MISSING.severity, path, where,
+                      f"external data file {target!r} ({len(uses)} tensor{'s' if len(uses) != 1 else ''}, e.g. "
+                      f"{tensor!r}) is not a regular file of the verified snapshot (absent, or a link the gate "
+                      "refused to read)",
+                      {"resolved": target, "location": location, "model_folder": folder or ".",
+                       "tensors": [u[1] for u in uses[:20]], "count": len(uses)})
     # --- overlapping ranges (info) -----------------------------------------------------------------
     for target, rs in ranges.items():
         rs.sort()

@@ -13,7 +13,7 @@ from typing import Iterator
 import onnx
 
 from sdsecure.gate.blob import Blob
-from sdsecure.gate.onnx_graph import StructuralCopyError, structural_copy
+from sdsecure.gate.onnx_graph import StructuralCopyError, structural_bytes
 from sdsecure.gate.report import Finding, Severity
 from sdsecure.gate.rules import ScanContext, declare, file_rule
 
@@ -78,7 +78,7 @@ def check_checker(ctx: ScanContext, path: str, blob: Blob) -> Iterator[Finding]:
     if model is None or (not model.HasField("graph") and model.ir_version == 0):
         return
     try:
-        copy = structural_copy(model)
+        copy = structural_bytes(ctx, path, model)
     except StructuralCopyError as exc:
         yield Finding(CHECKER.id, Severity.INFO, path, "",
                       f"onnx.checker not run: {exc}", {"reason": str(exc)})

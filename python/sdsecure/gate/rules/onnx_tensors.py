@@ -13,7 +13,7 @@ import numpy as np
 from onnx import TensorProto
 
 from sdsecure.gate.blob import Blob
-from sdsecure.gate.onnx_graph import elem_bits, num_elements, type_name, uses_external, walk_sparse, walk_tensors
+from sdsecure.gate.onnx_graph import cached_index, elem_bits, num_elements, type_name, uses_external, walk_sparse, walk_tensors
 from sdsecure.gate.report import Finding, Severity
 from sdsecure.gate.rules import ScanContext, declare, file_rule
 
@@ -80,7 +80,8 @@ def check_tensors(ctx: ScanContext, path: str, blob: Blob) -> Iterator[Finding]:
     model = ctx.onnx(path)
     if model is None:
         return
-    for tl in walk_tensors(model):
+    ix = cached_index(ctx, path, model)
+    for tl in walk_tensors(ix):
         t = tl.tensor
         src = data_sources(t)
         ev = {"tensor": t.name, "dtype": type_name(t.data_type), "dims": list(t.dims), "fields": src}
@@ -122,7 +123,7 @@ def check_tensors(ctx: ScanContext, path: str, blob: Blob) -> Iterator[Finding]:
             yield Finding(SIZE.id, SIZE.severity, path, tl.where,
                           f"tensor {t.name!r}: {count} entries in {field} for {type_name(t.data_type)}"
                           f"{list(t.dims)} ({expected} expected)", {**ev, "expected_entries": expected})
-    for where, st in walk_sparse(model):
+    for where, st in walk_sparse(ix):
         yield from _check_sparse(path, where, st)
 
 

@@ -23,7 +23,7 @@ from typing import Iterator
 from urllib.parse import urlsplit
 
 from sdsecure.gate.blob import Blob
-from sdsecure.gate.onnx_graph import walk_strings
+from sdsecure.gate.onnx_graph import cached_index, walk_strings
 from sdsecure.gate.report import Finding, Severity
 from sdsecure.gate.rules import ScanContext, declare, file_rule
 
@@ -109,10 +109,9 @@ def dangerous_calls(tree: ast.AST) -> list[str]:
             continue
         head, _, rest = name.partition(".")
         resolved = aliases.get(head, head) + ("." + rest if rest else "")
-        if resolved in DANGEROUS_BUILTINS or (head not in aliases and name in DANGEROUS_BUILTINS):
+        if resolved in DANGEROUS_BUILTINS:
             hits.append(resolved)
-        elif any(resolved == c.rstrip(".") or resolved.startswith(c if c.endswith(".") else c) for c in DANGEROUS_CALLS) \
-                and ("." in resolved):
+        elif "." in resolved and any(resolved.startswith(c) for c in DANGEROUS_CALLS):
             hits.append(resolved)
         elif resolved == "getattr" and n.args and _dotted(n.args[0]) in ("__builtins__", "builtins", "os", "subprocess"):
             hits.append(f"getattr({_dotted(n.args[0])}, ...)")
@@ -175,13 +174,19 @@ SHELL_PATTERNS: list[tuple[re.Pattern[str], str]] = [(re.compile(p, re.I), d) fo
 ]]
 
 
+_SHELL_HINT = re.compile(r"curl|wget|/bin/|\s-c\s|cmd|powershell|iex|invoke-expression|/dev/tcp|\bnc|base64|"
+                         r"chmod|rm\s+-rf|mkfifo|certutil")     # matched against the lowercased text
+
+
 def analyse_shell(text: str) -> list[str]:
+    if not _SHELL_HINT.search(text.lower()):
+        return []
     return [d for p, d in SHELL_PATTERNS if p.search(text)]
 
 
 # --- encoded blobs -------------------------------------------------------------------------------
-_B64 = re.compile(r"[A-Za-z0-9+/]{64,}={0,2}|[A-Za-z0-9_-]{64,}={0,2}")
-_HEX = re.compile(r"(?:0x)?((?:[0-9a-fA-F]{2}){32,})")
+_B64 = re.compile(r"[A-Za-z0-9+/_-]{64,}={0,2}")
+_HEX = re.compile(r"[0-9a-fA-F]{64,}")
 MAX_DECODE = 1 << 20
 
 MAGICS = [(b"\x7fELF", "ELF executable"), (b"MZ", "PE/DOS executable"), (b"\xca\xfe\xba\xbe", "Mach-O executable"),
@@ -201,19 +206,32 @@ def is_pickle(data: bytes) -> bool:
     return "STOP" in ops and bool(ops & {"GLOBAL", "STACK_GLOBAL", "REDUCE", "INST", "OBJ", "NEWOBJ"})
 
 
+_DIGIT = re.compile(r"[0-9]")
+
+
+def _has_digit(s: str) -> bool:
+    return _DIGIT.search(s) is not None
+
+
 def _decodings(text: str) -> Iterator[tuple[str, bytes]]:
     for m in _B64.finditer(text):
         s = m.group(0)
         if len(s) > 4 * MAX_DECODE:
             continue
-        for dec in (base64.b64decode, base64.urlsafe_b64decode):
+        urlsafe = "-" in s or "_" in s
+        if urlsafe and ("+" in s or "/" in s):
+            continue          # mixed alphabets: a path or an identifier, not base64
+        if not (_has_digit(s) and s.lower() != s and s.upper() != s):
+            continue          # encoded binary has digits and both cases; identifiers and words do not
+        for dec in ((base64.urlsafe_b64decode,) if urlsafe else (base64.b64decode,)):
             try:
                 yield "base64", dec(s + "=" * (-len(s) % 4))
                 break
             except (binascii.Error, ValueError):
                 continue
     for m in _HEX.finditer(text):
-        s = m.group(1)
+        s = m.group(0)
+        s = s[: len(s) // 2 * 2]
         if len(s) <= 2 * MAX_DECODE:
             try:
                 yield "hex", bytes.fromhex(s)
@@ -261,6 +279,14 @@ SUSPICIOUS_HOSTS = ("pastebin.com", "paste.ee", "hastebin.com", "transfer.sh", "
                     "t.me", "telegram.org", "bit.ly", "tinyurl.com", "0x0.st", "interact.sh", "oast.")
 
 
+def _host_matches(host: str, pattern: str) -> bool:
+    if pattern.endswith("."):                  # a label prefix, e.g. "oast." matches x.oast.fun
+        return ("." + host).find("." + pattern) >= 0
+    if "." not in pattern:                     # a bare name, e.g. "requestbin"
+        return pattern in host.split(".")
+    return host == pattern or host.endswith("." + pattern)
+
+
 def url_severity(url: str) -> tuple[Severity, str]:
     try:
         parts = urlsplit(url)
@@ -275,8 +301,7 @@ def url_severity(url: str) -> tuple[Severity, str]:
         return Severity.MEDIUM, "URL on a raw IP address"
     except ValueError:
         pass
-    if any(host == h or host.endswith("." + h) or (h.endswith(".") and h in host) or h in host.split(".")[0:1]
-           for h in SUSPICIOUS_HOSTS):
+    if any(_host_matches(host, h) for h in SUSPICIOUS_HOSTS):
         return Severity.MEDIUM, "paste, webhook or tunnelling service"
     if any(host == h or host.endswith("." + h) for h in WELL_KNOWN_HOSTS):
         return Severity.INFO, "well-known documentation host"
@@ -325,7 +350,7 @@ def analyse_text(text: str, depth: int = 0) -> list[_Hit]:
             if not sub and _looks_like_python(inner):
                 hits.append(_Hit(ENCODED.id, ENCODED.severity, f"{enc} blob decodes to Python source",
                                  {"encoding": enc, "decoded_kind": "python source", "decoded_text": inner[:500]}))
-    for url in dict.fromkeys(_URL.findall(text)):
+    for url in dict.fromkeys(_URL.findall(text)) if "://" in text else ():
         sev, why = url_severity(url)
         hits.append(_Hit(URL.id, sev, f"URL ({why}): {url[:200]}", {"url": url[:2000], "reason": why}))
     return hits
@@ -338,7 +363,7 @@ def check_payloads(ctx: ScanContext, path: str, blob: Blob) -> Iterator[Finding]
         return
     cache: dict[str, list[_Hit]] = {}
     urls: dict[str, tuple[Severity, str, list[str]]] = {}
-    for sl in walk_strings(model):
+    for sl in walk_strings(model, cached_index(ctx, path, model)):
         if not sl.text:
             continue
         hits = cache.get(sl.text)

@@ -54,7 +54,7 @@ DANGEROUS = declare(
     "Do not load this file with pickle-based loaders. Obtain the weights as ONNX or safetensors "
     "from a trusted publisher; if you must inspect it, do so in a disposable sandbox.")
 UNKNOWN = declare(
-    "PICKLE-UNKNOWN-GLOBAL", Severity.HIGH,
+    "PICKLE-UNKNOWN-GLOBAL", Severity.CRITICAL,
     "Pickle imports a global outside the tensor-reconstruction allow-list",
     "Model weights only need torch/numpy/collections reconstruction functions (the same list "
     "torch.load(weights_only=True) accepts). Any other global is imported (running its module's "
@@ -69,6 +69,7 @@ UNRESOLVED = declare(
     "strings; a pickle whose operands come from a function call result (or an extension-registry "
     "code) hides which global it imports from every static scanner: a known evasion technique.",
     "Treat the file as malicious. Do not load it.")
+RULE_SEVERITY = {DANGEROUS.id: DANGEROUS.severity, UNKNOWN.id: UNKNOWN.severity}
 MUTATION = declare(
     "PICKLE-GLOBAL-MUTATION", Severity.CRITICAL,
     "Pickle modifies an imported module-level object",
@@ -192,6 +193,9 @@ MAX_MEMBER_BYTES = 512 << 20       # a pickle member larger than this is not sca
 MAX_MEMBERS = 200_000
 SNIFF_MEMBER_BYTES = 64 << 20      # unlabelled zip members larger than this are only judged by magic
 SNIFF_MAX_OPS = 2_000_000          # for files that are not labelled as pickles
+MAX_OPS = 5_000_000                # a torch data.pkl has ~30 opcodes per tensor
+MAX_DEPTH = 100_000                # MARK nesting / stack items / memo entries: memory caps for the
+MAX_ITEMS = 1_000_000              # symbolic replay (the real unpickler would use as much or more)
 SNIFF_LINE_LIMIT = 1 << 16
 
 
@@ -401,8 +405,9 @@ class _Machine:
             else:
                 rule = DANGEROUS.id if sev is Severity.CRITICAL else UNKNOWN.id
                 what = "dangerous" if sev is Severity.CRITICAL else "non-allow-listed"
+                # Outside the allow-list blocks under the default policy, whatever the name.
                 self.seen[(module, name)] = self.hit(
-                    rule, sev, pos, f"pickle imports {what} global {key} ({op} at byte {pos})",
+                    rule, RULE_SEVERITY[rule], pos, f"pickle imports {what} global {key} ({op} at byte {pos})",
                     **{"global": key, "opcode": op, "offset": pos, "occurrences": 1, "called": False})
         return g
 
@@ -428,6 +433,8 @@ class _Machine:
                         "state": _short(detail)})
 
     def step(self, name: str, arg: Any, pos: int) -> None:  # noqa: C901 - one branch per opcode family
+        if len(self.stack) > MAX_ITEMS or len(self.memo) > MAX_ITEMS:
+            raise _Malformed(f"more than {MAX_ITEMS} stack or memo entries: not analysed further", pos)
         push = self.stack.append
         if name in _CONST_OPS:
             push(arg)
@@ -444,6 +451,8 @@ class _Machine:
         elif name == "EMPTY_TUPLE":
             push(_Tuple(()))
         elif name == "MARK":
+            if len(self.meta) >= MAX_DEPTH:
+                raise _Malformed(f"MARK nesting deeper than {MAX_DEPTH}: not analysed further", pos)
             self.meta.append(self.stack)
             self.stack = []
         elif name == "TUPLE":
@@ -511,10 +520,7 @@ class _Machine:
             if not items:
                 raise _Malformed("OBJ without a class", pos)
             self.stack.append(self.call(items[0], _Tuple(tuple(items[1:])), pos, name))
-        elif name == "REDUCE":
-            args = self.pop(pos)
-            push(self.call(self.pop(pos), args, pos, name))
-        elif name == "NEWOBJ":
+        elif name in ("REDUCE", "NEWOBJ"):          # callable/class, then its argument tuple
             args = self.pop(pos)
             push(self.call(self.pop(pos), args, pos, name))
         elif name == "NEWOBJ_EX":
@@ -541,7 +547,7 @@ def scan_stream(data: Any, start: int = 0, *, sniff: bool = False) -> StreamResu
     res = StreamResult(end=start, complete=False)
     m = _Machine(res)
     try:
-        for name, arg, pos in _iter_ops(r, SNIFF_MAX_OPS if sniff else 1 << 62):
+        for name, arg, pos in _iter_ops(r, SNIFF_MAX_OPS if sniff else MAX_OPS):
             res.ops += 1
             m.step(name, arg, pos)
         res.complete = True
@@ -561,12 +567,11 @@ def _plausible_global(key: str) -> bool:
     return bool(_IDENT.match(key))
 
 
-def _scan_pickle_bytes(data: Any, label: str, labelled: bool) -> list[_Hit]:
+def _scan_pickle_bytes(data: Any, labelled: bool) -> list[_Hit]:
     """All pickles at the start of `data` (legacy torch files hold several back to back)."""
     hits: list[_Hit] = []
     sniff = not labelled and not _looks_like_pickle_start(data)
     first = scan_stream(data, 0, sniff=sniff)
-    where = f"{label}: " if label else ""
     if not first.complete and sniff:
         # Not announced as a pickle and not parseable to its end: report only what a loader would
         # really have executed before failing (a call of a plausible global), not noise in binary data.
@@ -582,17 +587,16 @@ def _scan_pickle_bytes(data: Any, label: str, labelled: bool) -> list[_Hit]:
             break                       # raw tensor data after the pickles (legacy torch format)
         streams.append(nxt)
     for s in streams:
-        for h in s.hits:
-            h.message = where + h.message
-            hits.append(h)
+        hits.extend(s.hits)             # the member (if any) is in the finding's `where`
     if not first.complete:
         hits.append(_Hit(MALFORMED.id, Severity.HIGH, first.error_pos or 0,
-                         f"{where}pickle cannot be parsed past byte {first.error_pos}: {first.error}",
+                         f"pickle cannot be parsed past byte {first.error_pos}: {first.error}",
                          {"offset": first.error_pos, "error": first.error, "opcodes_read": first.ops}))
-    if not any(h.severity > Severity.INFO for h in hits):
-        globs = sorted({g for s in streams for g in s.globals})
+    globs = sorted({g for s in streams for g in s.globals})
+    if not any(h.severity > Severity.INFO for h in hits) and (globs or not sniff):
+        # (a few bytes of raw data can parse as a global-free pickle by chance: not worth a line)
         hits.append(_Hit(PRESENT.id, Severity.INFO, 0,
-                         f"{where}pickle data ({len(streams)} stream(s)); all {len(globs)} globals allow-listed",
+                         f"pickle data ({len(streams)} stream(s)); all {len(globs)} globals allow-listed",
                          {"globals": globs[:50], "streams": len(streams)}))
     return hits
 
@@ -606,7 +610,10 @@ def _scan_npy(data: Any, label: str) -> list[_Hit]:
     hlen = int.from_bytes(bytes(data[8:8 + hlen_size]), "little")
     header = bytes(data[8 + hlen_size: 8 + hlen_size + hlen])
     if b"'O'" in header or b'"O"' in header or b"|O" in header:
-        return _scan_pickle_bytes(memoryview(data)[8 + hlen_size + hlen:], label + " (object array)", True)
+        hits = _scan_pickle_bytes(bytes(data[8 + hlen_size + hlen:]), True)
+        for h in hits:
+            h.message = f"object array: {h.message}"
+        return hits
     return []
 
 
@@ -668,7 +675,7 @@ def _scan_buffer(data: Any, label: str, labelled: bool, depth: int = 0) -> list[
         return _scan_npy(data, label or "array")
     if not head or head[:1].decode("latin-1") not in pickletools.code2op:
         return []
-    return _scan_pickle_bytes(data, label, labelled)
+    return _scan_pickle_bytes(data, labelled)
 
 
 def scan_file(path: str, data: Any) -> list[Finding]:

@@ -179,17 +179,18 @@ def scan_safetensors(path: str, data: Any) -> list[Finding]:
                 f"data_offsets give {end - begin}", dtype=dtype, shape=shape, data_offsets=offs,
                 expected_bytes=bits / 8)
 
+    complete = len(ranges) == len(header)     # holes are meaningless when some entries are broken
     pos, prev = 0, None
     for begin, end, name in sorted(ranges):
         if begin < pos:
             add(OVERLAP, f"tensor {name}", f"tensor {name!r} [{begin}, {end}] overlaps tensor "
                 f"{prev!r} (ends at {pos})", tensors=[prev, name], data_offsets=[begin, end])
-        elif begin > pos:
+        elif begin > pos and complete:
             add(GAP, f"tensor {name}", f"{begin - pos} bytes before tensor {name!r} belong to no tensor",
                 hole=[pos, begin])
         if end >= pos:
             pos, prev = end, name
-    if pos < data_len and not per_rule.get(BOUNDS.id):
+    if pos < data_len and complete:
         add(GAP, "after last tensor", f"{data_len - pos} bytes after the last tensor belong to no tensor",
             trailing=[pos, data_len])
     return out

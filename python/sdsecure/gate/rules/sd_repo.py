@@ -15,6 +15,7 @@ from typing import Any
 
 from onnx import TensorProto
 
+from sdsecure.gate.render import node_from_where
 from sdsecure.gate.report import Finding, Severity
 from sdsecure.gate.rules import ScanContext, declare, repo_rule
 from sdsecure.gate.rules.configs import load_json
@@ -207,14 +208,9 @@ def _text_hidden(g: _Graph) -> tuple[int, str] | None:
 
 
 def _unet_context_dims(g: _Graph) -> dict[int, list[str]]:
-    """Width(s) the UNet expects for encoder_hidden_states: its declared last dim and the input
-    width of every MatMul/Gemm that projects it (the attn2 to_k / to_v weights)."""
+    """Width(s) the UNet expects for encoder_hidden_states -> where: every MatMul/Gemm that projects
+    it (the attn2 to_k / to_v weights), as "main/<node> (<op>)", then its declared last dim."""
     found: dict[int, list[str]] = {}
-    vi = g.inputs.get("encoder_hidden_states")
-    if vi is not None and _has_shape(vi):
-        d = _dims(vi)
-        if d and isinstance(d[-1], int) and d[-1] > 0:
-            found.setdefault(d[-1], []).append("input encoder_hidden_states")
     for i, n in enumerate(g.graph.node):
         if n.op_type not in ("MatMul", "Gemm") or len(n.input) < 2:
             continue
@@ -225,7 +221,12 @@ def _unet_context_dims(g: _Graph) -> dict[int, list[str]]:
             continue
         trans_b = any(a.name == "transB" and a.i for a in n.attribute) if n.op_type == "Gemm" else False
         width = w[1] if trans_b else w[0]
-        found.setdefault(width, []).append(n.name or f"#{i}")
+        found.setdefault(width, []).append(f"main/{n.name or f'#{i}'} ({n.op_type})")
+    vi = g.inputs.get("encoder_hidden_states")
+    if vi is not None and _has_shape(vi):
+        d = _dims(vi)
+        if d and isinstance(d[-1], int) and d[-1] > 0:
+            found.setdefault(d[-1], []).append("input encoder_hidden_states")
     return found
 
 
@@ -271,7 +272,7 @@ def sd_repo_rule(ctx: ScanContext) -> list[Finding]:
                                                      if emb is None else "vocab.json unreadable"), {}))
         elif vocab != emb[0]:
             sev = Severity.HIGH if vocab > emb[0] else Severity.MEDIUM
-            out.append(Finding(VOCAB_MISMATCH.id, sev, TEXT, f"{emb[2]} (Gather)",
+            out.append(Finding(VOCAB_MISMATCH.id, sev, TEXT, f"main/{emb[2]} (Gather)",
                                f"tokenizer has {vocab} tokens, text encoder embedding has {emb[0]} rows",
                                {"tokenizer_vocab": vocab, "embedding_rows": emb[0], "node": emb[2]}))
 
@@ -290,5 +291,6 @@ def sd_repo_rule(ctx: ScanContext) -> list[Finding]:
                         CROSS_DIM.id, Severity.HIGH, UNET, where[0],
                         f"UNet expects encoder_hidden_states width {width} ({len(where)} place(s), e.g. "
                         f"{where[0]}), text encoder produces {hidden[0]} ({hidden[1]})",
-                        {"unet_width": width, "text_hidden": hidden[0], "nodes": where[:20]}))
+                        {"unet_width": width, "text_hidden": hidden[0], "locations": where[:20],
+                         "nodes": [node_from_where(w) for w in where[:20] if node_from_where(w)]}))
     return out

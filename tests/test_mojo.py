@@ -1,0 +1,197 @@
+"""The Mojo entry point, mojo/text_to_image.mojo.
+
+Mojo does real work of its own (argument parsing and validation, mapping the gate's verdict to exit
+codes and printing the findings): tested here on a binary built once with `mojo build`. The doors that
+matter run through `mojo run`, as a user would: the embedded default writes an image; a planted
+backdoor exits 1 before anything is compiled, with the same finding the Python gate and CLI report.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from door_samples import TEXT_ENCODER, TRIGGER_NODES, plant_token_trigger
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = REPO / "mojo" / "text_to_image.mojo"
+FLAGS = ["--prompt", "--negative-prompt", "--num-steps", "--seed", "--output", "--model-id", "--revision",
+         "--strict-security", "--guidance-scale", "--scheduler", "--height", "--width", "--backend", "--help"]
+
+
+def _mojo() -> str:
+    found = shutil.which("mojo") or str(Path(sys.executable).with_name("mojo"))
+    assert Path(found).exists(), "mojo is not installed: pip install -e '.[test]' installs it from PyPI"
+    return found
+
+
+def _env() -> dict[str, str]:
+    # The interpreter Mojo embeds must be this one (the venv with sdsecure installed), whatever PATH says.
+    return {**os.environ, "MOJO_PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
+
+
+def _run(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def mojo_run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    return _run([_mojo(), "run", str(SOURCE), *args], timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Path:
+    """`mojo build` once; the argument tests then run the binary instead of recompiling each time."""
+    exe = tmp_path_factory.mktemp("mojo") / "text_to_image"
+    res = _run([_mojo(), "build", str(SOURCE), "-o", str(exe)])
+    assert res.returncode == 0, res.stderr
+    assert "warning" not in res.stderr.lower(), res.stderr
+    return exe
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory) -> Path:
+    return plant_token_trigger(tmp_path_factory.mktemp("mojo-planted") / "planted")
+
+
+def _one_line_error(res: subprocess.CompletedProcess, code: int, message: str) -> None:
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
+    assert message in lines[0], lines[0]
+    assert "Traceback" not in res.stdout + res.stderr
+
+
+# -- mojo run: the user's commands -------------------------------------------------------------------
+
+def test_mojo_run_help():
+    res = mojo_run("--help")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.startswith("usage: mojo run mojo/text_to_image.mojo")
+    for flag in FLAGS:
+        assert flag in res.stdout, flag
+
+
+def test_mojo_run_rejects_zero_steps_before_touching_python():
+    res = mojo_run("--prompt", "a cat", "--num-steps", "0")
+    _one_line_error(res, 2, "--num-steps must be between 1 and 1000, got 0")
+    assert "gate:" not in res.stdout
+
+
+def test_mojo_run_embedded_writes_an_image_with_provenance(tmp_path: Path):
+    from PIL import Image
+
+    out = tmp_path / "mojo.png"
+    res = mojo_run("--prompt", "a red cube on a table", "--negative-prompt", "blurry", "--num-steps", "2",
+                   "--seed", "3", "--height", "64", "--width", "64", "--guidance-scale", "5",
+                   "--output", str(out))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "gate: verdict ALLOWED" in res.stdout
+    assert f"image: {out}" in res.stdout
+    image = Image.open(out)
+    assert image.size == (64, 64) and image.mode == "RGB"
+    text = image.text
+    assert text["sdsecure:entry"] == "mojo"
+    assert text["sdsecure:model"] == "embedded"
+    assert text["sdsecure:verdict"] == "allowed"
+    assert text["sdsecure:policy"] == "default"
+    assert text["sdsecure:prompt"] == "a red cube on a table"
+    assert text["sdsecure:negative_prompt"] == "blurry"
+    assert (text["sdsecure:seed"], text["sdsecure:steps"]) == ("3", "2")
+    assert text["sdsecure:lockfile_sha256"] not in ("", "none")
+
+
+def test_mojo_run_planted_backdoor_exits_before_any_compile(planted: Path, tmp_path: Path):
+    from sdsecure.gate import audit
+
+    out = tmp_path / "never.png"
+    res = mojo_run("--prompt", "a cat", "--model-id", str(planted), "--output", str(out))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "gate: verdict BLOCKED" in res.stdout
+    assert "pipeline:" not in res.stdout, "the pipeline was set up for a blocked model"
+    assert not out.exists()
+    # The same findings the Python gate reports, each with rule, file and node.
+    blocking = audit(str(planted), progress=False).report.blocking_findings()
+    assert any(f.rule.startswith("BACKDOOR") and f.file == TEXT_ENCODER
+               and any(n in f.where for n in TRIGGER_NODES) for f in blocking), blocking
+    assert not any(f.rule == "LOCK-MISMATCH" for f in blocking)
+    for f in blocking:
+        assert f"] {f.rule}  file={f.file}  node={f.where}" in res.stdout, (f, res.stdout)
+        assert f.message in res.stdout
+
+
+def test_python_cli_reports_the_same_block(planted: Path, tmp_path: Path):
+    """The Python CLI and the Mojo program stop on the same rule, file and node."""
+    from sdsecure.gate import audit
+
+    res = _run([sys.executable, str(REPO / "python" / "text_to_image_secure.py"), "--prompt", "a cat",
+                "--model-id", str(planted), "--output", str(tmp_path / "never.png")])
+    assert res.returncode == 1, res.stdout + res.stderr
+    output = res.stdout + res.stderr
+    for f in audit(str(planted), progress=False).report.blocking_findings():
+        assert f.rule in output and f.file in output and f.where in output, (f, output)
+    assert not (tmp_path / "never.png").exists()
+
+
+# -- the built binary: Mojo's own argument handling -------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--num-steps", "5"], "--prompt is required"),
+    (["--prompt", "   "], "--prompt is required"),
+    (["--prompt", "x", "--num-steps", "-3"], "--num-steps must be between 1 and 1000, got -3"),
+    (["--prompt", "x", "--num-steps", "1001"], "--num-steps must be between 1 and 1000"),
+    (["--prompt", "x", "--num-steps", "ten"], "--num-steps expects an integer, got 'ten'"),
+    (["--prompt", "x", "--height", "100"], "--height must be a positive multiple of 8"),
+    (["--prompt", "x", "--width=0"], "--width must be a positive multiple of 8"),
+    (["--prompt", "x", "--width", "4096"], "--width must be a positive multiple of 8 up to 2048"),
+    (["--prompt", "x", "--seed", "-1"], "--seed must be >= 0"),
+    (["--prompt", "x", "--guidance-scale", "nan"], "--guidance-scale must be a finite number >= 0"),
+    (["--prompt", "x", "--guidance-scale", "-1"], "--guidance-scale must be a finite number >= 0"),
+    (["--prompt", "x", "--scheduler", "lms"], "--scheduler must be pndm, ddim or euler"),
+    (["--prompt", "x", "--backend", "torch"], "--backend must be max or onnxruntime"),
+    (["--prompt", "x", "--frobnicate"], "unknown option --frobnicate"),
+    (["--prompt", "x", "stray"], "unexpected argument 'stray'"),
+    (["--prompt"], "--prompt expects a value"),
+    (["--prompt", "--seed", "3"], "--prompt expects a value"),
+    (["--prompt", "x", "--strict-security=yes"], "--strict-security takes no value"),
+    (["--prompt", "x", "--model-id", ""], "--model-id must not be empty"),
+])
+def test_bad_arguments_are_one_line_errors(built: Path, args: list[str], message: str):
+    res = _run([str(built), *args])
+    _one_line_error(res, 2, message)
+    assert "gate:" not in res.stdout, "bad arguments must be refused before the gate runs"
+
+
+def test_equals_form_and_help_anywhere(built: Path):
+    res = _run([str(built), "--prompt=x", "--num-steps=0"])
+    _one_line_error(res, 2, "--num-steps must be between 1 and 1000, got 0")
+    res = _run([str(built), "--num-steps", "0", "-h"])
+    assert res.returncode == 0 and res.stdout.startswith("usage:")
+
+
+def test_unwritable_output_is_refused_before_the_gate(built: Path, tmp_path: Path):
+    res = _run([str(built), "--prompt", "x", "--output", str(tmp_path / "missing" / "o.png")])
+    _one_line_error(res, 2, "does not exist")
+    assert "gate: validating" not in res.stdout
+    res = _run([str(built), "--prompt", "x", "--output", str(tmp_path / "o.jpg")])
+    _one_line_error(res, 2, ".png")
+
+
+def test_unknown_model_is_a_user_error(built: Path, tmp_path: Path):
+    res = _run([str(built), "--prompt", "x", "--model-id", str(tmp_path / "no-such-model"),
+                "--output", str(tmp_path / "o.png")])
+    _one_line_error(res, 2, "no-such-model")
+    assert "gate: validating" in res.stdout
+
+
+def test_strict_flag_reaches_the_gate(built: Path, planted: Path, tmp_path: Path):
+    res = _run([str(built), "--prompt", "x", "--model-id", str(planted), "--strict-security",
+                "--output", str(tmp_path / "o.png")])
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "policy=strict" in res.stdout
+    assert "--strict" in res.stdout.splitlines()[-1]      # the audit command it suggests
+
