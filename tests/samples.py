@@ -154,6 +154,11 @@ def external_tensor(name: str, location: str, dims=(4,), dtype=TensorProto.FLOAT
     return t
 
 
+def raw_tensor(name: str, data: bytes, dims=(4,), dtype=TensorProto.FLOAT) -> TensorProto:
+    """A tensor with exactly these raw bytes (helper.make_tensor refuses inconsistent sizes)."""
+    return TensorProto(name=name, data_type=dtype, dims=list(dims), raw_data=data)
+
+
 def model_with_initializer(t: TensorProto, n: int = 4) -> onnx.ModelProto:
     """y = x + t, with t a [n] float tensor stored however the caller built it."""
     return make_model([helper.make_node("Add", ["x", t.name], ["y"], name="add")],

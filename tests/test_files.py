@@ -361,3 +361,16 @@ def test_progress_summary_line():
     small.update(1000)
     small.finish(1)
     assert quiet.getvalue() == ""
+
+
+def test_live_progress_on_a_terminal():
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    bar = HashProgress(1 << 30, True, stream=out)
+    bar.update(1 << 30)
+    bar.finish(2)
+    text = out.getvalue()
+    assert "\rsdsecure: hashing 1.07/1.07 GB (100%" in text and text.endswith("GB/s)\n")

@@ -95,7 +95,7 @@ def test_generate_embedded_on_onnxruntime(tmp_path, capsys):
     assert rc == 0, stderr
     lines = stdout.splitlines()
     verdict = [ln for ln in lines if ln.startswith("gate: ")]
-    assert len(verdict) == 1 and verdict[0].startswith("gate: ALLOWED under the default policy: ")
+    assert len(verdict) == 1 and verdict[0].startswith("gate: ALLOWED embedded under the default policy: ")
     assert "critical" in verdict[0] and "files hashed" in verdict[0]
     assert "tiny random-weight" in stdout and "--model-id org/name --revision" in stdout
     assert f"image: {out}" in stdout

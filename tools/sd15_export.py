@@ -22,9 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+from onnx.external_data_helper import set_external_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import derive_clip_tokenizer  # noqa: E402
+from op_histogram import histogram as op_histogram  # noqa: E402
 
 LOCKFILE = "sdsecure.lock.json"
 EXPORTERS = ("legacy", "dynamo")
@@ -86,7 +88,7 @@ class SDConfig:
     vae: dict[str, Any]
     seed: int = 0
     latent_hw: int = 16         # spatial size of the example inputs used for tracing
-    unet_external_threshold: int = 128  # onnx size_threshold (bytes) for unet/weights.pb
+    unet_external_threshold: int = 32   # float initializers of >= this many bytes go to unet/weights.pb
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -102,7 +104,7 @@ FULL = SDConfig(
     unet=dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, norm_num_groups=32, attention_head_dim=8,
               cross_attention_dim=768),
     vae=dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
-    unet_external_threshold=1024,  # onnx's default, as diffusers' conversion script saves
+    unet_external_threshold=1024,  # about onnx's default, which diffusers' conversion script uses
 )
 
 
@@ -241,8 +243,8 @@ def export_component(module, name: str, args: tuple, exporter: str, opset: int |
     with torch.no_grad():
         if exporter == "legacy":
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset or LEGACY_OPSET,
-                              input_names=inputs, output_names=outputs, dynamic_axes=LEGACY_DYNAMIC_AXES[name] | LEGACY_OUTPUT_AXES[name],
-                              do_constant_folding=True)
+                              input_names=inputs, output_names=outputs,
+                              dynamic_axes=LEGACY_DYNAMIC_AXES[name] | LEGACY_OUTPUT_AXES[name], do_constant_folding=True)
         else:
             prog = torch.onnx.export(module, args, dynamo=True, opset_version=opset or DYNAMO_OPSET,
                                      input_names=inputs, output_names=outputs,
@@ -310,15 +312,19 @@ def scrub(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def save_onnx(model: onnx.ModelProto, path: Path, external: bool, threshold: int) -> None:
+    """Save `model`; with `external`, float initializers of at least `threshold` bytes go to
+    weights.pb next to it (one file, as in the public repos). Integer tensors (shapes, indices) stay
+    inline: onnxruntime's shape inference cannot read a Reshape's shape from external data."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if external:
         data = path.parent / "weights.pb"
         if data.exists():
             data.unlink()  # onnx appends to an existing data file
-        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="weights.pb", size_threshold=threshold, convert_attribute=False)
-    else:
-        onnx.save_model(model, str(path))
+        floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+        for t in model.graph.initializer:
+            if t.data_type in floats and t.HasField("raw_data") and len(t.raw_data) >= threshold:
+                set_external_data(t, location="weights.pb")
+    onnx.save_model(model, str(path))  # writes the tensors marked external into weights.pb
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -339,21 +345,6 @@ def write_lockfile(out: Path, repo: str) -> dict[str, Any]:
     lock = {"format": 1, "repo": repo, "revision": None, "files": files}
     (out / LOCKFILE).write_bytes(_json_bytes(lock))
     return lock
-
-
-def op_histogram(model: onnx.ModelProto) -> dict[str, int]:
-    counts: dict[str, int] = {}
-
-    def walk(g: onnx.GraphProto) -> None:
-        for n in g.node:
-            key = n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}"
-            counts[key] = counts.get(key, 0) + 1
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g)
-
-    walk(model.graph)
-    return dict(sorted(counts.items()))
 
 
 def export_pipeline(cfg: SDConfig, out: Path, *, exporter: str, repo: str, readme: str,
@@ -404,7 +395,7 @@ def describe(hist: dict[str, dict[str, int]]) -> str:
     lines = []
     for name, counts in hist.items():
         total = sum(counts.values())
-        lines.append(f"{name} ({total} nodes): " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        lines.append(f"{name} ({total} nodes): " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     return "\n".join(lines)
 
 

@@ -67,9 +67,9 @@ def build_parser(*, secure: bool = True) -> ArgumentParser:
     p.add_argument("--scheduler", choices=SCHEDULER_CHOICES, default=None,
                    help="override the model's scheduler (default: its scheduler_config.json)")
     p.add_argument("--height", type=int, default=None,
-                   help=f"image height, a multiple of 8 (default {DEFAULT_SIZE}; {EMBEDDED_SIZE} for the embedded model)")
+                   help=f"image height, a multiple of 64 (default {DEFAULT_SIZE}; {EMBEDDED_SIZE} for the embedded model)")
     p.add_argument("--width", type=int, default=None,
-                   help=f"image width, a multiple of 8 (default {DEFAULT_SIZE}; {EMBEDDED_SIZE} for the embedded model)")
+                   help=f"image width, a multiple of 64 (default {DEFAULT_SIZE}; {EMBEDDED_SIZE} for the embedded model)")
     p.add_argument("--output", default="output.png", help="PNG to write (default output.png)")
     p.add_argument("--model-id", default=DEFAULT_MODEL,
                    help="'embedded' (default), a local folder, or a Hub id org/name[@revision]")
@@ -122,11 +122,13 @@ def _counts_text(counts: dict[str, int]) -> str:
 def verdict_line(model: Any) -> str:
     report = model.report
     if not model.verified:
-        return (f"gate: SKIPPED (--skip-validation / unvalidated entry point): {len(model.files)} files hashed, "
-                "no rule run")
+        rev = f" @ {model.revision}" if model.revision else ""
+        return (f"gate: SKIPPED for {model.ref}{rev} (unvalidated run): {len(model.files)} files hashed, "
+                "no security rule run")
     lock = (report.lockfile or {}).get("status", "absent")
-    return (f"gate: {report.verdict.upper()} under the {report.policy} policy: {_counts_text(report.counts())}; "
-            f"{len(model.files)} files hashed; lockfile {lock}")
+    rev = f" @ {model.revision}" if model.revision else ""
+    return (f"gate: {report.verdict.upper()} {model.ref}{rev} under the {report.policy} policy: "
+            f"{_counts_text(report.counts())}; {len(model.files)} files hashed; lockfile {lock}")
 
 
 def blocked_summary(report: Any) -> list[str]:
@@ -177,8 +179,9 @@ def provenance(model: Any, args: argparse.Namespace, pipe: Any, entry: str) -> d
 
 def _generate(args: argparse.Namespace, output: Path, model: Any, say: TextIO, entry: str) -> dict[str, Any]:
     from sdsecure.pipeline.image import save_png
-    from sdsecure.pipeline.sd15 import StableDiffusion15
+    from sdsecure.pipeline.sd15 import StableDiffusion15, check_components
 
+    check_components(model)           # a missing component: one line, before any compile
     if args.model_id == DEFAULT_MODEL:
         print(EMBEDDED_NOTE, file=say)
     t0 = time.perf_counter()

@@ -18,6 +18,7 @@ What remains (`FoldedGraph.nodes`) is what the importer maps to MAX ops.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -60,7 +61,7 @@ class TensorInfo:
 
     @property
     def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
     @property
     def nbytes(self) -> int:
@@ -259,6 +260,9 @@ class _Folder:
         if op == "Size":
             self._set_const(node.output[0], np.array(self.infos[node.input[0]].size, np.int64), node)
             return True
+        if op == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
+            self._set_const(node.output[0], numpy_helper.to_array(node.attribute[0].t), node)
+            return True
 
         out_infos = self._infer(node)
         for name, info in out_infos.items():
@@ -277,6 +281,12 @@ class _Folder:
                         f"{in_bytes:,} bytes of constants; the cap is {self.fold_cap:,} bytes")
                 self.infos.update(out_infos)
                 return False  # e.g. a transform of a large weight: computed at run time, not copied here
+        elif op == "Range" and len(node.input) == 3:
+            start, limit, delta = (float(np.asarray(self.consts[i]).reshape(())) for i in node.input)
+            count = max(int(np.ceil((limit - start) / delta)), 0) if delta else 0
+            if count * self.consts[node.input[0]].itemsize > self.fold_cap:
+                raise FoldLimitError(f"{self.name}: folding {node_label(node)} would create {count:,} elements; "
+                                     f"the cap is {self.fold_cap:,} bytes")
         elif op in AMPLIFYING:
             raise FoldLimitError(f"{self.name}: cannot bound the size of {node_label(node)}; refusing to fold it")
         values = self._evaluate(node)

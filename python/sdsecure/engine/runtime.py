@@ -19,11 +19,13 @@ import numpy as np
 import onnx
 
 from sdsecure.engine.fold import FoldedGraph, specialize
+from sdsecure.engine.fuse import fuse
 from sdsecure.engine.importer import build_graph, check_supported, output_infos
 from sdsecure.errors import UserError
 
 log = logging.getLogger(__name__)
 
+GRAPH_NAME = "sdsecure_onnx"
 _LOCK = threading.Lock()
 _COMPILED: dict[tuple[str, tuple, str], object] = {}
 _SESSIONS: dict[str, object] = {}
@@ -62,7 +64,7 @@ class MaxSession:
         self.name = name or model.graph.name or "model"
         self.stats = CompileStats()
         t0 = time.perf_counter()
-        folded = specialize(model, weights, input_shapes, name=self.name)
+        folded = fuse(specialize(model, weights, input_shapes, name=self.name))
         check_supported(folded)
         self._folded: FoldedGraph = folded
         self.input_names = list(folded.inputs)
@@ -70,7 +72,9 @@ class MaxSession:
         self._input_infos = [folded.infos[n] for n in folded.inputs]
         self._output_infos = output_infos(folded)
         dev = DeviceRef.CPU()
-        graph, self._weights = build_graph(folded, dev, graph_name=_graph_name(self.name))
+        # The graph name is part of the graph text (and so of MAX's cache key): keep it independent of
+        # the caller's label so that the same model at the same shapes always hits the same entry.
+        graph, self._weights = build_graph(folded, dev, graph_name=GRAPH_NAME)
         shapes = tuple((n, tuple(folded.infos[n].shape)) for n in folded.inputs)
         self.cache_key = (graph_sha256(graph), shapes, device)
         self.stats.build_s = time.perf_counter() - t0
@@ -124,11 +128,6 @@ def prepare_feeds(model_name: str, feeds: Mapping[str, np.ndarray], names: Seque
             a = a.astype(want)
         out.append(np.ascontiguousarray(a))
     return out
-
-
-def _graph_name(name: str) -> str:
-    safe = "".join(c if c.isalnum() else "_" for c in name)[:48] or "model"
-    return f"sdsecure_{safe}"
 
 
 def clear_memory_cache() -> None:

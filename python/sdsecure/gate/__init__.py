@@ -8,6 +8,8 @@
         Same, but never raises SecurityError: the caller looks at `.report.verdict`.
     load_unverified(ref, *, revision=None) -> VerifiedModel
         --skip-validation: fetch and hash only; `verified=False`; provenance says "unverified".
+    All three also take `lockfile=PATH`: a sdsecure.lock.json to verify besides the one inside the
+    model folder (hashes, sizes, no unlocked model files, and the pinned revision).
 """
 
 from sdsecure.gate.validate import audit, load_unverified, validate  # noqa: F401

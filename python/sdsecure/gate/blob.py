@@ -38,6 +38,14 @@ class Blob:
         if isinstance(self.data, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
             self.data.madvise(mmap.MADV_DONTNEED)
 
+    def parse_onnx(self):
+        """A fresh ModelProto parsed from the verified bytes, without copying them first."""
+        import onnx
+
+        model = onnx.ModelProto()
+        model.ParseFromString(self.view())
+        return model
+
     @classmethod
     def from_bytes(cls, data: bytes) -> "Blob":
         return cls(bytes(data), hashlib.sha256(data).hexdigest(), len(data))

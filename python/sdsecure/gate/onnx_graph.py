@@ -293,12 +293,18 @@ def uses_external(t: TensorProto) -> bool:
     return t.data_location == TensorProto.EXTERNAL
 
 
+def raw_data_len(t: TensorProto) -> int:
+    """len(t.raw_data). (upb copies the bytes on access; deriving the length from ByteSize() was
+    measured slower, as upb encodes to size a message.)"""
+    return len(t.raw_data) if t.HasField("raw_data") else 0
+
+
 def tensor_payload_bytes(t: TensorProto) -> int:
     """An estimate of the bytes a tensor carries inline (0 for external data)."""
     if uses_external(t):
         return 0
-    if t.raw_data:
-        return len(t.raw_data)
+    if t.HasField("raw_data"):
+        return raw_data_len(t)
     n = num_elements(t.dims)
     bits = elem_bits(t.data_type) or 64
     return n * bits // 8
@@ -433,6 +439,7 @@ class FlatNode:
     deps: list[tuple[int, ...]] | None = None
     control: tuple[int, ...] = ()    # input positions that select/steer (If cond, Loop M/cond)
     suffix: str = ""                 # for pseudo nodes: " [body inputs]", " [returns y]"
+    feedback: int = 0                # trailing inputs that are loop-carried feedback (not ordering edges)
 
     @property
     def where(self) -> str:
@@ -476,6 +483,41 @@ class FlatGraph:
     def name_of(self, tid: str) -> str:
         return self.display.get(tid, tid)
 
+    def topological_order(self) -> list[int]:
+        """Node indices in dependency order. Emission order already is one for well-formed models;
+        graphs whose nodes are out of order (runtimes sort them, so an attacker may rely on that)
+        are sorted here. Nodes on a cycle (malformed) come last, in emission order."""
+        n = len(self.nodes)
+        preds: list[set[int]] = [set() for _ in range(n)]
+        for node in self.nodes:
+            ins = node.inputs[: len(node.inputs) - node.feedback] if node.feedback else node.inputs
+            for t in ins:
+                p = self.producer.get(t) if t is not None else None
+                if p is not None and p != node.index:
+                    preds[node.index].add(p)
+        if all(all(p < i for p in ps) for i, ps in enumerate(preds)):
+            return list(range(n))
+        succ: list[list[int]] = [[] for _ in range(n)]
+        indeg = [len(ps) for ps in preds]
+        for i, ps in enumerate(preds):
+            for p in ps:
+                succ[p].append(i)
+        import heapq
+
+        ready = [i for i in range(n) if indeg[i] == 0]
+        heapq.heapify(ready)
+        order: list[int] = []
+        while ready:
+            i = heapq.heappop(ready)
+            order.append(i)
+            for j in succ[i]:
+                indeg[j] -= 1
+                if indeg[j] == 0:
+                    heapq.heappush(ready, j)
+        placed = set(order)
+        order.extend(i for i in range(n) if i not in placed)
+        return order
+
 
 class _Scope:
     def __init__(self, parent: "_Scope | None", prefix: str) -> None:
@@ -512,7 +554,8 @@ def flatten(model: ModelProto) -> FlatGraph:
     def emit(op: str, domain: str, name: str, path: str, inputs: list[str | None], outputs: list[str],
              proto: NodeProto | None, deps=None, control: tuple[int, ...] = (), suffix: str = "",
              name_op: str = "") -> None:
-        fg.add(FlatNode(len(fg.nodes), op, domain, name, path, inputs, outputs, proto, deps, control, suffix, name_op))
+        fg.add(FlatNode(len(fg.nodes), op, domain, name, path, inputs, outputs, proto, deps, control,
+                        suffix=suffix, name_op=name_op))
 
     def graph_body(graph: GraphProto, scope: _Scope, path: str, depth: int) -> None:
         for t in graph.initializer:
@@ -582,6 +625,7 @@ def flatten(model: ModelProto) -> FlatGraph:
                 for k in range(n_carried):
                     if 1 + k < len(body_out):
                         enter.inputs.append(body_out[1 + k])
+                        enter.feedback += 1
                         enter.deps[2 + k] = enter.deps[2 + k] + (len(enter.inputs) - 1,)
                 all_in = list(ins) + body_out
                 deps = [(0, 1, len(ins) + 1 + k) for k in range(len(outs))]

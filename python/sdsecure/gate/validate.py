@@ -110,8 +110,8 @@ def _run(ref: str, policy: str, *, revision: str | None, progress: bool,
             live=bool(fetched and not fetched.offline), fetched_at=fetched.fetched_at if fetched else "")
         findings += rep_findings
         ctx = ScanContext(model_ref=mref.text, files=files, is_sd_repo="model_index.json" in files)
-        ctx.input_shapes = pipeline_input_shapes(ctx)
         try:
+            ctx.input_shapes = pipeline_input_shapes(ctx)
             findings += rules.run_all(ctx)
         except Exception as exc:  # noqa: BLE001 - fail closed, with the reason in the report
             log.exception("rule failure on %s", mref)

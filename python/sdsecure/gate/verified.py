@@ -50,10 +50,10 @@ class VerifiedModel:
     # -- ONNX ----------------------------------------------------------------------------------
     def onnx_model(self, path: str):
         """The parsed ModelProto of `path`, external data *not* loaded (see onnx_weights)."""
-        import onnx
-
         if path not in self._protos:
-            self._protos[path] = onnx.load_model_from_string(self.read_bytes(path))
+            if path not in self.files:
+                raise UserError(f"model {self.ref!r} has no file {path!r}")
+            self._protos[path] = self.files[path].parse_onnx()
         return self._protos[path]
 
     def onnx_weights(self, path: str) -> dict[str, np.ndarray]:

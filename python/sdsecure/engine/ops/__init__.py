@@ -30,6 +30,7 @@ from onnx import helper
 from sdsecure.engine.fold import TensorInfo
 
 Converter = Callable[..., Any]
+PRIVATE_DOMAIN = "sdsecure.fused"
 
 
 @dataclass
@@ -64,7 +65,7 @@ def supported_ops() -> list[str]:
 
 
 def _load() -> None:
-    from sdsecure.engine.ops import elementwise, nn, tensor  # noqa: F401  (registration side effects)
+    from sdsecure.engine.ops import elementwise, fused, nn, tensor  # noqa: F401  (registration side effects)
 
 
 def resolve(node: onnx.NodeProto, opsets: dict[str, int]) -> tuple[OpDef | None, onnx.defs.OpSchema | None, str]:
@@ -77,6 +78,8 @@ def resolve(node: onnx.NodeProto, opsets: dict[str, int]) -> tuple[OpDef | None,
     version = opsets.get(domain)
     if version is None:
         return None, None, f"model imports no opset for domain {domain!r}"
+    if domain == PRIVATE_DOMAIN:  # our own fused ops (sdsecure.engine.fuse): no ONNX schema
+        return defs[-1], None, ""
     try:
         schema = onnx.defs.get_schema(node.op_type, version, domain)
     except onnx.defs.SchemaError:
@@ -87,10 +90,10 @@ def resolve(node: onnx.NodeProto, opsets: dict[str, int]) -> tuple[OpDef | None,
     return chosen[-1], schema, ""
 
 
-def attributes(node: onnx.NodeProto, schema: onnx.defs.OpSchema, opdef: OpDef) -> tuple[dict[str, Any], list[str]]:
+def attributes(node: onnx.NodeProto, schema: onnx.defs.OpSchema | None, opdef: OpDef) -> tuple[dict[str, Any], list[str]]:
     """Keyword arguments for the converter (schema defaults filled in) and the attributes it cannot take."""
     kwargs: dict[str, Any] = {}
-    for name, attr in schema.attributes.items():
+    for name, attr in (schema.attributes.items() if schema is not None else ()):
         if name in opdef.attr_names:
             default = attr.default_value
             kwargs[name] = helper.get_attribute_value(default) if default.type else None

@@ -85,10 +85,8 @@ def conv(n: Node, x, w, b=None, *, auto_pad: str, dilations=None, group: int, ke
         strides, dilations, before, after = [1] + strides, [1] + dilations, [0] + before, [0] + after
     y = ops.conv2d(ops.permute(x, [0, 2, 3, 1]), f, stride=tuple(strides), dilation=tuple(dilations),
                    padding=(before[0], after[0], before[1], after[1]), groups=group,
-                   filter_layout=FilterLayout.FCRS)
+                   bias=None if b is None else n.t(b), filter_layout=FilterLayout.FCRS)
     y = ops.permute(y, [0, 3, 1, 2])
-    if b is not None:
-        y = y + ops.reshape(n.t(b), [-1, 1, 1])
     if one_d:
         y = ops.squeeze(y, 2)
     return y

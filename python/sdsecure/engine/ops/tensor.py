@@ -172,8 +172,8 @@ def gather_nd(n: Node, x, indices, *, batch_dims: int = 0):
     return ops.gather_nd(x, idx, batch_dims=batch_dims)
 
 
-def _pad_check(n: Node, *, mode: str) -> str | None:
-    if mode not in ("constant", "reflect", "edge"):
+def _pad_check(n: Node, *, mode: str, **_) -> str | None:
+    if mode not in ("constant", "reflect", "edge", "wrap"):
         return f"mode={mode!r}"
     return None
 
@@ -196,6 +196,13 @@ def pad(n: Node, x, pads, value=None, axes=None, *, mode: str):
     if not any(before + after):
         return x
     flat = [v for b, e in zip(before, after) for v in (b, e)]
+    if mode == "wrap":
+        for axis, (b, e) in enumerate(zip(before, after)):
+            if b or e:
+                dim = int(x.shape[axis])
+                idx = np.arange(-b, dim + e) % dim
+                x = ops.gather(x, n.t(idx.astype(np.int64)), axis=axis)
+        return x
     if mode == "constant":
         if value is None:
             fill = n.scalar(0, x)

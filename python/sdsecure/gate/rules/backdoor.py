@@ -129,18 +129,20 @@ class Analysis:
         self.switches: dict[int, Switch] = {}
         self.shape_masks: list[str] = []
         self.broadcasts: list[str] = []
+        self.order: list[FlatNode] = []
 
     # ------------------------------------------------------------------------------------------
     def run(self) -> None:
         for name, bit in self.input_bit.items():
             self.vt[name] = bit
+        self.order = order = [self.fg.nodes[i] for i in self.fg.topological_order()]
         loops = any(n.op == "<enter>" for n in self.fg.nodes)
         for _ in range(6 if loops else 1):
             before = (dict(self.vt), dict(self.dt), dict(self.ap))
             self.switches.clear()
             self.shape_masks.clear()
             self.broadcasts.clear()
-            for node in self.fg.nodes:
+            for node in order:
                 self._step(node)
             if (self.vt, self.dt, self.ap) == before:
                 break
@@ -247,8 +249,10 @@ class Analysis:
             seen.add(t)
             if p.op == "Concat" and any(x and not self.vt.get(x, 0) for x in p.inputs):
                 return None
-            if p.op in ("Reshape", "Flatten", "Transpose", "Identity", "Squeeze", "Unsqueeze", "Concat"):
-                stack.extend(x for x in p.inputs[:1] if x) if p.op != "Concat" else stack.extend(x for x in p.inputs if x)
+            if p.op == "Concat":
+                stack.extend(x for x in p.inputs if x)
+            elif p.op in ("Reshape", "Flatten", "Transpose", "Identity", "Squeeze", "Unsqueeze"):
+                stack.extend(x for x in p.inputs[:1] if x)
         # the index must come from ArgMax/ArgMin/TopK through index arithmetic on shapes/constants
         selectors: list[FlatNode] = []
         stack, seen = [index], set()
@@ -524,8 +528,12 @@ class Analysis:
         t_pos = dec.tainted[0]
         const = None
         if node.op in CMP_OPS and dec.constant:
-            const = self.fold.value(node.inputs[dec.constant[0]])
-            out["compared_with"] = describe_value(const) if const is not None else self.describe_tensor(node.inputs[dec.constant[0]])
+            cid = node.inputs[dec.constant[0]]
+            const = self.fold.value(cid)
+            out["compared_with"] = describe_value(const) if const is not None else self.describe_tensor(cid)
+            src = self._producer(cid)
+            if src is not None and src.op != "Constant":
+                out["compared_constant_computed_by"] = src.where    # e.g. split constants: k1 + k2
         elif node.op == "Cast":
             rel, const = "!=", np.array(0)
             out["compared_with"] = 0
@@ -644,47 +652,33 @@ class Analysis:
         return [w for w in path[1:-1]]
 
     def switched_in(self, sw: Switch) -> list[dict]:
-        """Input-independent values that enter the output under the trigger: constant operands of the
-        switch and constants combined with the decision's result on its way there."""
+        """Input-independent values that the trigger brings in: the constant operands of every node
+        where the raw decision signal (before any switch applied it) meets other values, from the
+        decisions down to the outputs: Where/If branches, Mul/Add by a mask, ..."""
         out, seen = [], set()
-        node = sw.node
-        if node.op == "Where":
-            cands = [1, 2]
-        elif node.op == "If":
-            cands = list(range(1, len(node.inputs)))
-        else:
-            cands = list(range(len(node.inputs)))
-        for q in cands:
-            x = node.inputs[q] if q < len(node.inputs) else None
-            if x and not self.vt.get(x, 0) and x not in seen:
-                seen.add(x)
-                d = self.describe_tensor(x)
-                d["role"] = f"{node.op} input {q}"
-                out.append(d)
-        # constants mixed with the decision result between the decision and the switch
-        stack = [x for x in node.inputs if x and self.dt.get(x, 0) & sw.bits]
-        visited = set()
-        while stack:
-            t = stack.pop()
-            if t in visited:
+        stack = [self.decisions[b].node for b in self._bits(sw.bits)]
+        visited: set[int] = set()
+        while stack and len(visited) < 2000:
+            node = stack.pop()
+            if node.index in visited:
                 continue
-            visited.add(t)
-            p = self._producer(t)
-            if p is None or p.index in self.decision_bit and p.op in CMP_OPS | OTHER_DECISIONS:
-                continue
-            for x in p.inputs:
-                if not x:
-                    continue
-                if self.dt.get(x, 0) & sw.bits:
-                    stack.append(x)
-                elif not self.vt.get(x, 0) and x not in seen and p.op in ("Mul", "Add", "Sub", "Where", "Div", "If"):
-                    v = self.fold.value(x)
-                    if v is not None and np.asarray(v).size == 1 and float(np.asarray(v).reshape(())) in (0.0, 1.0):
+            visited.add(node.index)
+            raw_in = any(x and (self.dt.get(x, 0) & sw.bits & ~self.ap.get(x, 0)) for x in node.inputs)
+            if raw_in and node.op in ("Where", "If", "Mul", "Add", "Sub", "Div", "Concat", "Max", "Min"):
+                for q, x in enumerate(node.inputs):
+                    if not x or x in seen or self.vt.get(x, 0) or (node.op == "Where" and q == 0):
                         continue
+                    v = self.fold.value(x)
+                    if v is not None and np.asarray(v).size == 1 and float(np.asarray(v).reshape(())) in (0.0, 1.0) \
+                            and node.op not in ("Where", "If"):
+                        continue          # 1 - mask, x * 0 ...: mask arithmetic, not a payload
                     seen.add(x)
                     d = self.describe_tensor(x)
-                    d["role"] = f"combined with the decision in {p.where}"
+                    d["role"] = f"input {q} of {node.where}"
                     out.append(d)
+            for o in node.outputs:
+                if self.dt.get(o, 0) & sw.bits & ~self.ap.get(o, 0) or node.index == sw.node.index:
+                    stack.extend(self.fg.nodes[c] for c in self.fg.consumers.get(o, []))
         return out[:8]
 
 
@@ -740,8 +734,10 @@ def check_backdoor(ctx: ScanContext, path: str, blob: Blob) -> Iterator[Finding]
     live = an.live()
     explained: dict[str, list[Switch]] = {}
     reported = 0
-    for idx in sorted(an.switches):
-        sw = an.switches[idx]
+    for node in an.order:                      # upstream switches first
+        sw = an.switches.get(node.index)
+        if sw is None:
+            continue
         if not any(o in live for o in sw.node.outputs):
             continue
         if sw.kind:

@@ -41,12 +41,14 @@ ABSOLUTE = declare(
     fix=_FIX_PATH,
 )
 MISSING = declare(
-    "ONNX-EXTDATA-MISSING", Severity.HIGH,
+    "ONNX-EXTDATA-MISSING", Severity.CRITICAL,
     "External data file is not a regular file of the verified snapshot",
     why=("The location names no regular file in the snapshot the gate hashed: the file is absent, or it "
-         "is a symlink, hardlink or special file that the gate refused to read (CVE-2026-27489, "
-         "CVE-2026-34446, CVE-2026-34447: onnx followed such links out of the model folder). Another "
-         "loader pointed at the same folder would read bytes nobody verified."),
+         "is a symlink, a file under a symlinked folder, a hardlink or a special file that the gate "
+         "refused to read (CVE-2026-27489, CVE-2026-34446, CVE-2026-34447: onnx followed such links out of "
+         "the model folder). The weights this graph would run with are then not the bytes that were "
+         "verified, and another loader pointed at the same folder would read whatever the link names. "
+         "It blocks by default: nothing about such a model can be vouched for."),
     fix=("Ship the external data file itself (a regular file, not a link) next to the model, and "
          "re-lock the snapshot. If the Hub download was partial, fetch it again."),
 )

@@ -13,7 +13,7 @@ import numpy as np
 from onnx import TensorProto
 
 from sdsecure.gate.blob import Blob
-from sdsecure.gate.onnx_graph import cached_index, elem_bits, num_elements, type_name, uses_external, walk_sparse, walk_tensors
+from sdsecure.gate.onnx_graph import cached_index, elem_bits, raw_data_len, num_elements, type_name, uses_external, walk_sparse, walk_tensors
 from sdsecure.gate.report import Finding, Severity
 from sdsecure.gate.rules import ScanContext, declare, file_rule
 
@@ -65,7 +65,7 @@ def data_sources(t: TensorProto) -> dict[str, int]:
     """{field: number of entries (bytes for raw_data)} for every populated data field."""
     out: dict[str, int] = {}
     if t.HasField("raw_data"):
-        out["raw_data"] = len(t.raw_data)
+        out["raw_data"] = raw_data_len(t)
     for f in _TYPED_FIELDS:
         n = len(getattr(t, f))
         if n:

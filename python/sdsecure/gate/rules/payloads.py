@@ -185,7 +185,7 @@ def analyse_shell(text: str) -> list[str]:
 
 
 # --- encoded blobs -------------------------------------------------------------------------------
-_B64 = re.compile(r"[A-Za-z0-9+/_-]{64,}={0,2}")
+_B64 = re.compile(r"[A-Za-z0-9+/_-]{40,}={0,2}")   # 40 chars = 30 bytes: a short pickle
 _HEX = re.compile(r"[0-9a-fA-F]{64,}")
 MAX_DECODE = 1 << 20
 
@@ -329,11 +329,11 @@ def analyse_text(text: str, depth: int = 0) -> list[_Hit]:
     if sh:
         hits.append(_Hit(SHELL.id, SHELL.severity, f"shell command line ({'; '.join(sh[:3])})",
                          {"patterns": sh, "text": text[:500]}))
-    if depth < 2 and len(text) >= 64:
+    if depth < 2 and len(text) >= 40:
         for enc, data in _decodings(text):
             kind = classify_bytes(data)
             if kind:
-                hits.append(_Hit(ENCODED.id, ENCODED.severity, f"{enc} blob decodes to a {kind} ({len(data)} bytes)",
+                hits.append(_Hit(ENCODED.id, ENCODED.severity, f"{enc} blob decodes to {kind} ({len(data)} bytes)",
                                  {"encoding": enc, "decoded_kind": kind, "decoded_bytes": len(data),
                                   "decoded_head": data[:32].hex()}))
                 continue
