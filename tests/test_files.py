@@ -343,6 +343,8 @@ def test_large_file_goes_through_a_sealed_memfd_and_hash_matches(tmp_path: Path)
             h.update(chunk)
     assert blob.sha256 == h.hexdigest()
     assert bytes(blob.view()[-5:]) == b"tail!"
+    blob.release()                                     # drops resident pages, keeps the bytes
+    assert hashlib.sha256(blob.view()).hexdigest() == blob.sha256
     with pytest.raises(TypeError):
         blob.view()[0] = 1                             # read-only
     import fcntl  # the memfd is sealed against writes: changing the file changes nothing

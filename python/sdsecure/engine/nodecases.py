@@ -214,13 +214,30 @@ def _first_line(e: Exception) -> str:
     return " ".join(msg.split())[:300]
 
 
-def run_cases(cases: Iterable[Case], batch_size: int = 400) -> list[Case]:
+def batches(cases: list[Case], size: int) -> list[list[Case]]:
+    """Cases grouped by op into batches of about `size` (an op's cases stay together when they fit)."""
+    by_op: dict[str, list[Case]] = {}
+    for c in cases:
+        by_op.setdefault(c.op, []).append(c)
+    out: list[list[Case]] = [[]]
+    for op in sorted(by_op):
+        group = by_op[op]
+        if out[-1] and len(out[-1]) + len(group) > size:
+            out.append([])
+        out[-1].extend(group)
+    return [b for b in out if b]
+
+
+def run_cases(cases: Iterable[Case], batch_size: int = 80) -> list[Case]:
+    """Prepare every case, then compile and run the runnable ones in batches (deterministic, so a
+    second run finds every batch in MAX's cache)."""
     cases = list(cases)
     for c in cases:
         prepare(c)
     runnable = [c for c in cases if c.folded is not None and not c.status]
-    for i in range(0, len(runnable), batch_size):
-        run_batch(runnable[i:i + batch_size], f"onnx_node_cases_{i // batch_size}")
+    for i, batch in enumerate(batches(runnable, batch_size)):
+        log.info("batch %d: %d cases (%s .. %s)", i, len(batch), batch[0].op, batch[-1].op)
+        run_batch(batch, f"onnx_node_cases_{fingerprint(batch)}")
     return cases
 
 
