@@ -10,17 +10,19 @@
 # Mojo at that interpreter with MOJO_PYTHON=/path/to/venv/bin/python.
 #
 # Exit codes, as the Python CLI: 0 image written, 1 model blocked by the gate, 2 bad input or the
-# model could not be checked, 3 unexpected internal error.
+# run could not complete, 130 interrupted.
 
 from std.python import Python, PythonObject
 from std.sys import argv, exit, stderr
 
 comptime EXIT_BLOCKED = 1
-comptime EXIT_USAGE = 2
-comptime EXIT_INTERNAL = 3
+comptime EXIT_ERROR = 2
+comptime EXIT_INTERRUPTED = 130
 
 comptime MAX_STEPS = 1000
 comptime MAX_SIDE = 2048
+comptime MAX_GUIDANCE = 100.0
+comptime AUTO_SIDE = -1            # not given: the Python CLI's default for the model
 
 comptime USAGE = """usage: mojo run mojo/text_to_image.mojo --prompt TEXT [options]
 
@@ -31,8 +33,9 @@ options:
   --negative-prompt TEXT   what to steer away from (default: "")
   --num-steps N            denoising steps, 1..1000 (default: 25)
   --seed N                 random seed, >= 0; 0 is a seed (default: 0)
-  --guidance-scale X       classifier-free guidance scale, >= 0 (default: 7.5)
-  --height N, --width N    image size in pixels, positive multiples of 8 (default: 512)
+  --guidance-scale X       classifier-free guidance scale, 0..100 (default: 7.5)
+  --height N, --width N    image size in pixels, multiples of 8 up to 2048
+                           (default: 512; 128 for the tiny embedded model)
   --scheduler NAME         pndm, ddim or euler (default: the model's scheduler_config.json)
   --backend NAME           max or onnxruntime (default: max)
   --output PATH            PNG to write (default: output.png)
@@ -70,8 +73,8 @@ def default_options() -> Options:
         num_steps=25,
         seed=0,
         guidance_scale=7.5,
-        height=512,
-        width=512,
+        height=AUTO_SIDE,
+        width=AUTO_SIDE,
         scheduler="",
         backend="max",
         output="output.png",
@@ -98,6 +101,12 @@ def parse_float(flag: String, text: String) raises -> Float64:
         return atof(text.strip())
     except:
         raise Error(flag + " expects a number, got '" + text + "'")
+
+
+def parse_side(flag: String, text: String) raises -> Int:
+    var value = parse_int(flag, text)
+    check_side(flag, value)
+    return value
 
 
 def is_value_flag(flag: String) -> Bool:
@@ -129,9 +138,9 @@ def apply_flag(mut opts: Options, flag: String, value: String) raises:
     elif flag == "--guidance-scale":
         opts.guidance_scale = parse_float(flag, value)
     elif flag == "--height":
-        opts.height = parse_int(flag, value)
+        opts.height = parse_side(flag, value)
     elif flag == "--width":
-        opts.width = parse_int(flag, value)
+        opts.width = parse_side(flag, value)
     elif flag == "--scheduler":
         opts.scheduler = String(value.strip()).lower()
     elif flag == "--backend":
@@ -189,10 +198,8 @@ def check_options(opts: Options) raises:
     if opts.seed < 0:
         raise Error("--seed must be >= 0, got " + String(opts.seed))
     var g = opts.guidance_scale
-    if not (g >= 0.0 and g - g == 0.0):  # rejects negatives, NaN and infinities
-        raise Error("--guidance-scale must be a finite number >= 0, got " + String(g))
-    check_side("--height", opts.height)
-    check_side("--width", opts.width)
+    if not (g >= 0.0 and g <= MAX_GUIDANCE):  # also rejects NaN and infinities
+        raise Error("--guidance-scale must be a number in 0.." + String(Int(MAX_GUIDANCE)) + ", got " + String(g))
     if opts.scheduler != "" and opts.scheduler != "pndm" and opts.scheduler != "ddim" and opts.scheduler != "euler":
         raise Error("--scheduler must be pndm, ddim or euler, got '" + opts.scheduler + "'")
     if opts.backend != "max" and opts.backend != "onnxruntime":
@@ -231,65 +238,25 @@ def fail(message: String, code: Int):
     exit(code)
 
 
-def severity_name(finding: PythonObject) raises -> String:
-    return String(py=Python.str(finding.severity))
-
-
-def print_finding(finding: PythonObject) raises:
-    var file = String(py=finding.file)
-    if file == "":
-        file = "(model)"
-    var where = String(py=finding.where)
-    if where == "":
-        where = "(whole file)"
-    print("  [" + severity_name(finding) + "] " + String(py=finding.rule) + "  file=" + file + "  node=" + where)
-    print("      " + String(py=finding.message))
-
-
-def print_verdict(report: PythonObject) raises:
-    var counts = report.counts()
-    var summary = String("")
-    for name in ["critical", "high", "medium", "low", "info"]:
-        if summary != "":
-            summary += ", "
-        summary += String(py=Python.str(counts[name])) + " " + name
-    var revision = String("local")
-    if not (report.revision is Python.none()):
-        revision = String(py=report.revision)
-    print("gate: model " + String(py=report.model_ref) + " @ " + revision + "  policy=" + String(py=report.policy))
-    print("gate: " + String(len(report.files)) + " files hashed; findings: " + summary)
-    print("gate: verdict " + String(py=report.verdict).upper())
-
-
-def audit_command(report: PythonObject) raises -> String:
-    """The audit CLI command that prints this report in full (text, JSON or SARIF)."""
-    var cmd = "python python/model_security.py --model-id " + String(py=report.model_ref)
-    if not (report.revision is Python.none()):
-        cmd += " --revision " + String(py=report.revision)
-    if String(py=report.policy) == "strict":
-        cmd += " --strict"
-    return cmd
-
-
 def handle_python_error(exc: PythonObject, stage: String) raises:
-    """Maps an exception from the Python side to the CLI's exit codes (never a traceback)."""
+    """Maps an exception from the Python side to the CLI's exit codes (never a traceback).
+    A blocked model prints the same summary as the Python CLI: verdict, then each blocking
+    finding as [severity] RULE in FILE at NODE: message."""
     var builtins = Python.import_module("builtins")
     var errors = Python.import_module("sdsecure.errors")
     if Bool(builtins.isinstance(exc, errors.SecurityError)):
-        var report = exc.report
-        print_verdict(report)
-        var blocking = report.blocking_findings()
-        print("gate: refusing to run " + String(py=report.model_ref) + ": "
-              + String(len(blocking)) + " blocking finding(s):")
-        for finding in blocking:
-            print_finding(finding)
-        print("gate: nothing was compiled or generated. Full report: " + audit_command(report))
+        var cli = Python.import_module("sdsecure.cli.generate")
+        for line in cli.blocked_summary(exc.report):
+            print(String(py=line), file=stderr)
         exit(EXIT_BLOCKED)
     if Bool(builtins.isinstance(exc, errors.UserError)):
-        fail(String(py=Python.str(exc)), EXIT_USAGE)
+        fail(String(py=Python.str(exc)), EXIT_ERROR)
     if Bool(builtins.isinstance(exc, builtins.KeyboardInterrupt)):
-        fail("interrupted", 130)
-    fail(stage + " failed: " + String(py=builtins.type(exc).__name__) + ": " + String(py=Python.str(exc)), EXIT_INTERNAL)
+        print("interrupted", file=stderr)
+        exit(EXIT_INTERRUPTED)
+    var one_line = String(" ").join(String(py=Python.str(exc)).split())
+    fail("internal error during " + stage + ": " + String(py=builtins.type(exc).__name__) + ": " + one_line,
+         EXIT_ERROR)
 
 
 def import_or_explain(name: String) raises -> PythonObject:
@@ -301,7 +268,7 @@ def import_or_explain(name: String) raises -> PythonObject:
             "cannot import the Python package '" + name + "' with " + String(py=sys.executable)
             + " (" + String(e) + "). Activate the project's environment (. .venv/bin/activate, "
             + "or pixi run) or set MOJO_PYTHON to its python.",
-            EXIT_USAGE,
+            EXIT_ERROR,
         )
         raise e^
 
@@ -309,42 +276,44 @@ def import_or_explain(name: String) raises -> PythonObject:
 def run(opts: Options) raises:
     var bridge = Python.evaluate(BRIDGE, file=True, name="_sdsecure_mojo_bridge")
     var gate = import_or_explain("sdsecure.gate")
+    var cli = import_or_explain("sdsecure.cli.generate")
+    var image_mod = import_or_explain("sdsecure.pipeline.image")
     var none = Python.none()
 
+    # Sizes default like the Python CLI's: 128 for the tiny embedded model, 512 otherwise.
+    var default_side = Int(py=cli.EMBEDDED_SIZE) if opts.model_id == "embedded" else Int(py=cli.DEFAULT_SIZE)
+    var height = opts.height if opts.height > 0 else default_side
+    var width = opts.width if opts.width > 0 else default_side
+
     # Fail on an unwritable --output now, not after minutes of work (same check as the Python CLI).
-    var image_mod = import_or_explain("sdsecure.pipeline.image")
     var res = bridge.call(image_mod.check_output_path, opts.output)
     if not (res[1] is none):
         handle_python_error(res[1], "checking --output")
+    var output = res[0]
 
-    # 1. The gate: the same validate() every entry point calls. Blocked -> SecurityError.
+    # 1. The gate: the same validate() every entry point calls. Blocked -> SecurityError -> exit 1.
     var policy = "strict" if opts.strict else "default"
     var revision: PythonObject = none
     if opts.revision != "":
         revision = PythonObject(opts.revision)
-    print("gate: validating " + opts.model_id + " (policy " + policy + ") ...")
     res = bridge.call(gate.validate, opts.model_id, policy, revision=revision)
     if not (res[1] is none):
         handle_python_error(res[1], "validation")
     var model = res[0]
-    print_verdict(model.report)
-    var shown = 0
-    for finding in model.report.findings:
-        if shown == 0:
-            print("gate: findings below the blocking threshold (see the audit CLI for details):")
-        print_finding(finding)
-        shown += 1
+    print(String(py=cli.verdict_line(model)))
 
     # 2. The pipeline, only on the verified model.
+    if opts.model_id == "embedded":
+        print(String(py=cli.EMBEDDED_NOTE))
     var sd15 = import_or_explain("sdsecure.pipeline.sd15")
     var scheduler: PythonObject = none
     if opts.scheduler != "":
         scheduler = PythonObject(opts.scheduler)
-    print("pipeline: " + String(opts.width) + "x" + String(opts.height) + ", " + String(opts.num_steps)
+    print("pipeline: " + String(width) + "x" + String(height) + ", " + String(opts.num_steps)
           + " steps, seed " + String(opts.seed) + ", guidance " + String(opts.guidance_scale)
-          + ", backend " + opts.backend)
-    res = bridge.call(sd15.StableDiffusion15, model, backend=opts.backend, height=opts.height,
-                      width=opts.width, scheduler=scheduler)
+          + ", backend " + opts.backend + " (the first run at a size compiles the graphs)")
+    res = bridge.call(sd15.StableDiffusion15, model, backend=opts.backend, height=height, width=width,
+                      scheduler=scheduler)
     if not (res[1] is none):
         handle_python_error(res[1], "pipeline setup")
     var pipe = res[0]
@@ -354,21 +323,21 @@ def run(opts: Options) raises:
         handle_python_error(res[1], "generation")
     var image = res[0]
 
-    # 3. The PNG, with the gate's provenance plus what this run did.
-    var provenance = model.provenance()
-    provenance["sdsecure:entry"] = "mojo"
-    provenance["sdsecure:prompt"] = opts.prompt
-    provenance["sdsecure:negative_prompt"] = opts.negative_prompt
-    provenance["sdsecure:seed"] = String(opts.seed)
-    provenance["sdsecure:steps"] = String(opts.num_steps)
-    provenance["sdsecure:guidance_scale"] = String(opts.guidance_scale)
-    provenance["sdsecure:size"] = String(opts.width) + "x" + String(opts.height)
-    provenance["sdsecure:scheduler"] = opts.scheduler if opts.scheduler != "" else "model default"
-    provenance["sdsecure:backend"] = opts.backend
-    res = bridge.call(image_mod.save_png, opts.output, image, provenance)
+    # 3. The PNG, with the same provenance the Python CLI writes, entry "mojo".
+    var argparse = Python.import_module("argparse")
+    var run_args = argparse.Namespace(
+        prompt=opts.prompt, negative_prompt=opts.negative_prompt, seed=opts.seed, num_steps=opts.num_steps,
+        guidance_scale=opts.guidance_scale, width=width, height=height, backend=opts.backend,
+    )
+    res = bridge.call(cli.provenance, model, run_args, pipe, "mojo")
+    if not (res[1] is none):
+        handle_python_error(res[1], "provenance")
+    var provenance = res[0]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    res = bridge.call(image_mod.save_png, output, image, provenance)
     if not (res[1] is none):
         handle_python_error(res[1], "writing the PNG")
-    print("image: " + opts.output)
+    print("image: " + String(py=Python.str(output)))
 
 
 def main() raises:
@@ -384,6 +353,6 @@ def main() raises:
             return
         check_options(opts)
     except e:
-        fail(String(e), EXIT_USAGE)
+        fail(String(e), EXIT_ERROR)
         return
     run(opts)

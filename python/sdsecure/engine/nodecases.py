@@ -28,6 +28,7 @@ from onnx import helper, numpy_helper
 from sdsecure.engine.fold import FoldedGraph, SpecializeError, specialize
 from sdsecure.engine.importer import Emitter, ImporterBug, find_problems, input_types
 from sdsecure.engine.ops import resolve
+from sdsecure.engine.runtime import contiguous
 from sdsecure.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -128,7 +129,7 @@ def prepare(case: Case) -> None:
 def _feeds(case: Case) -> list[np.ndarray]:
     model_inputs = [vi.name for vi in case.model.graph.input]
     values = dict(zip(model_inputs, case.inputs))
-    return [np.ascontiguousarray(values[n]) for n in case.folded.inputs]
+    return [contiguous(values[n]) for n in case.folded.inputs]
 
 
 def compare(case: Case, outputs: list[np.ndarray]) -> None:
@@ -201,7 +202,12 @@ def run_batch(cases: list[Case], graph_name: str = "onnx_node_cases") -> None:
     log.info("compiled %d cases in %.1f s", len(built), time.perf_counter() - t0)
     model = session.init(compiled, weights_registry=weights)
     feeds = [Buffer.from_numpy(a) for c in cases for a in _feeds(c)]   # failed builds keep their inputs
-    results = model.execute(*feeds)
+    try:
+        results = model.execute(*feeds)
+    except Exception as e:
+        for c, _, _ in built:
+            c.status, c.reason = ERROR, f"execute: {_first_line(e)}"
+        return
     for c, first, count in built:
         compare(c, [r.to_numpy() for r in results[first:first + count]])
 

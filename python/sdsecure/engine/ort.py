@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx.external_data_helper import uses_external_data
 
-from sdsecure.engine.runtime import prepare_feeds
+from sdsecure.engine.runtime import contiguous, prepare_feeds
 from sdsecure.errors import UserError
 
 _ORT_DTYPES = {
@@ -40,7 +40,7 @@ class OrtSession:
         if missing:
             raise UserError(f"{self.name}: no data for external initializer {missing[0]!r}")
         # OrtValues borrow the arrays' memory: keep them (and the arrays) alive with the session.
-        self._arrays = [np.ascontiguousarray(weights[n]) for n in external]
+        self._arrays = [contiguous(weights[n]) for n in external]
         self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
         if external:
             opts.add_external_initializers(external, self._values)

@@ -126,8 +126,13 @@ def prepare_feeds(model_name: str, feeds: Mapping[str, np.ndarray], names: Seque
             if not np.can_cast(a.dtype, want, casting="same_kind"):
                 raise UserError(f"{model_name}: input {n!r} is {a.dtype}, the model takes {want}")
             a = a.astype(want)
-        out.append(np.ascontiguousarray(a))
+        out.append(contiguous(a))
     return out
+
+
+def contiguous(a: np.ndarray) -> np.ndarray:
+    """`a` in C order without a copy when it already is; unlike np.ascontiguousarray, keeps rank 0."""
+    return a if a.flags.c_contiguous else np.array(a, order="C")
 
 
 def clear_memory_cache() -> None:

@@ -291,17 +291,14 @@ def _log_sum_exp(n: Node, x, axes, keepdims, noop):
     return _finish_reduce(n, y)
 
 
-def _arg_check(n: Node, *, select_last_index: int = 0, **_) -> str | None:
-    return None
-
-
 def _arg(fn, n: Node, x, axis: int, select_last_index: int):
     x = n.t(x)
     axis %= x.rank
     if select_last_index:
         dim = int(x.shape[axis])
         rev = ops.gather(x, n.t(np.arange(dim - 1, -1, -1, dtype=np.int64)), axis=axis)
-        y = n.scalar(dim - 1, fn(rev, axis=axis)) - fn(rev, axis=axis)
+        idx = fn(rev, axis=axis)
+        y = n.scalar(dim - 1, idx) - idx
     else:
         y = fn(x, axis=axis)
     return _finish_reduce(n, y)
