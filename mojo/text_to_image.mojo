@@ -199,7 +199,7 @@ def check_options(opts: Options) raises:
         raise Error("--seed must be >= 0, got " + String(opts.seed))
     var g = opts.guidance_scale
     if not (g >= 0.0 and g <= MAX_GUIDANCE):  # also rejects NaN and infinities
-        raise Error("--guidance-scale must be a number in 0.." + String(Int(MAX_GUIDANCE)) + ", got " + String(g))
+        raise Error("--guidance-scale must be a number in 0..100, got " + String(g))
     if opts.scheduler != "" and opts.scheduler != "pndm" and opts.scheduler != "ddim" and opts.scheduler != "euler":
         raise Error("--scheduler must be pndm, ddim or euler, got '" + opts.scheduler + "'")
     if opts.backend != "max" and opts.backend != "onnxruntime":

@@ -44,6 +44,12 @@ NONDETERMINISTIC = {"RandomNormal", "RandomUniform", "RandomNormalLike", "Random
 AMPLIFYING = {"ConstantOfShape", "Expand", "Tile", "Range", "Resize", "Upsample", "Pad", "OneHot",
               "EyeLike", "MatMul", "Gemm", "Einsum", "CenterCropPad", "Col2Im"}
 ALIASES = {"Identity"}
+# Output type = input type (first input); typed without calling ONNX shape inference (a hot path).
+_SAME_TYPE = {"Abs", "Neg", "Exp", "Log", "Sqrt", "Reciprocal", "Sin", "Cos", "Tanh", "Sigmoid", "Erf", "Floor",
+              "Ceil", "Relu", "Softmax", "LogSoftmax", "Gelu", "LeakyRelu", "Elu", "Softplus", "HardSigmoid"}
+_BROADCAST = {"Add": None, "Sub": None, "Mul": None, "Div": None, "Pow": None,
+              "Equal": np.bool_, "Less": np.bool_, "Greater": np.bool_, "LessOrEqual": np.bool_,
+              "GreaterOrEqual": np.bool_, "And": np.bool_, "Or": np.bool_}
 
 
 class FoldLimitError(UserError):
@@ -94,8 +100,16 @@ def onnx_np_dtype(elem_type: int) -> np.dtype:
         raise SpecializeError(f"unsupported ONNX element type {elem_type}") from None
 
 
+_TYPE_PROTOS: dict[TensorInfo, onnx.TypeProto] = {}
+
+
 def _type_proto(info: TensorInfo) -> onnx.TypeProto:
-    return helper.make_tensor_type_proto(helper.np_dtype_to_tensor_dtype(info.dtype), list(info.shape))
+    tp = _TYPE_PROTOS.get(info)
+    if tp is None:
+        tp = helper.make_tensor_type_proto(helper.np_dtype_to_tensor_dtype(info.dtype), list(info.shape))
+        if len(_TYPE_PROTOS) < 100_000:
+            _TYPE_PROTOS[info] = tp
+    return tp
 
 
 def _info_from_type(tp: onnx.TypeProto, what: str) -> TensorInfo:
@@ -300,7 +314,28 @@ class _Folder:
         start, end = int(attrs.get("start", 0)), attrs.get("end")
         return np.array(shape[slice(start, None if end is None else int(end))], dtype=np.int64)
 
+    def _fast_infer(self, node: onnx.NodeProto) -> dict[str, TensorInfo] | None:
+        op = node.op_type
+        if len(node.output) != 1 or not node.output[0] or any(not i for i in node.input):
+            return None
+        if op in _SAME_TYPE and len(node.input) == 1:
+            return {node.output[0]: self.infos[node.input[0]]}
+        if op in _BROADCAST and len(node.input) == 2:
+            a, b = self.infos[node.input[0]], self.infos[node.input[1]]
+            if op != "Pow" and a.dtype != b.dtype:
+                return None  # malformed: let ONNX's inference say so
+            try:
+                shape = tuple(int(d) for d in np.broadcast_shapes(a.shape, b.shape))
+            except ValueError:
+                return None
+            return {node.output[0]: TensorInfo(shape, np.dtype(_BROADCAST[op] or a.dtype))}
+        return None
+
     def _infer(self, node: onnx.NodeProto) -> dict[str, TensorInfo]:
+        if (node.domain or "") in STANDARD_DOMAINS:
+            fast = self._fast_infer(node)
+            if fast is not None:
+                return fast
         try:
             schema = onnx.defs.get_schema(node.op_type, self.opsets.get(node.domain or "", self.opsets[""]),
                                           node.domain or "")

@@ -217,7 +217,7 @@ def _first_line(e: Exception) -> str:
     cause = e.__cause__
     if cause is not None and str(cause):
         msg += " / " + str(cause)
-    return " ".join(msg.split())[:300]
+    return " ".join(msg.split())[:600]
 
 
 def batches(cases: list[Case], size: int) -> list[list[Case]]:

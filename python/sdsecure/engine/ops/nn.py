@@ -68,7 +68,7 @@ def _conv_check(n: Node, *, auto_pad: str, **_) -> str | None:
     return _float_only(n)
 
 
-@register("Conv", check=_conv_check)
+@register("Conv", const_inputs=(1,), check=_conv_check)
 def conv(n: Node, x, w, b=None, *, auto_pad: str, dilations=None, group: int, kernel_shape=None, pads=None,
          strides=None):
     """ONNX Conv is NCHW/OIHW; MAX's conv2d is NHWC with the filter as FCRS (= OIHW, no copy) (G1)."""
