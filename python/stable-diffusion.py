@@ -1,7 +1,7 @@
 """sdsecure GUI: validate a Stable Diffusion 1.5 ONNX model with the security gate, then generate.
 
-    streamlit run python/stable-diffusion.py
-    streamlit run python/stable-diffusion.py -- (no arguments)     # then open ?model=embedded&validate=1
+    streamlit run python/stable-diffusion.py --server.address 127.0.0.1
+    http://127.0.0.1:8501/?model=embedded&validate=1     # opens with a model already validated
 
 Only layout lives here; the logic is in sdsecure.gui (tested without a browser). Generation stays
 disabled until the gate has allowed exactly the model, revision and policy currently selected.
@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import streamlit as st
 
+from sdsecure.cli.generate import DEFAULT_MODEL, DEFAULT_SIZE, EMBEDDED_SIZE
+from sdsecure.errors import UserError
 from sdsecure.gui.generation import SCHEDULERS, GenerationParams, build_pipeline, generate
 from sdsecure.gui.query import parse_query
 from sdsecure.gui.validation import (ModelKey, blocking_rows, file_rows, finding_rows, generation_gate,
                                      validate_model, verdict_line)
-from sdsecure.errors import UserError
 
 st.set_page_config(page_title="sdsecure: Stable Diffusion 1.5 behind a security gate", layout="wide")
 state = st.session_state
@@ -24,6 +25,7 @@ state = st.session_state
 if "validation" not in state:
     request = parse_query(st.query_params)
     state.model_id, state.revision, state.strict = request.model, request.revision, request.strict
+    state.height = state.width = EMBEDDED_SIZE if request.model == DEFAULT_MODEL else DEFAULT_SIZE
     state.validation = None
     state.image = None
     state.pipeline = None
@@ -77,8 +79,8 @@ seed = c2.number_input("Seed", min_value=0, max_value=2**32 - 1, value=0, step=1
 guidance = c3.number_input("Guidance scale", min_value=0.0, max_value=50.0, value=7.5, step=0.5, key="guidance")
 scheduler = c4.selectbox("Scheduler", SCHEDULERS, key="scheduler")
 c5, c6, _, _ = st.columns(4)
-height = c5.number_input("Height", min_value=8, max_value=2048, value=512, step=8, key="height")
-width = c6.number_input("Width", min_value=8, max_value=2048, value=512, step=8, key="width")
+height = c5.number_input("Height", min_value=8, max_value=2048, step=8, key="height")
+width = c6.number_input("Width", min_value=8, max_value=2048, step=8, key="width")
 
 if not allowed:
     st.info(why_not)

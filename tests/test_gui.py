@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -113,6 +114,30 @@ def test_unknown_model_is_an_error_not_a_crash(tmp_path: Path):
     assert at.button(key="generate").disabled
 
 
+def test_generate_on_the_embedded_model_serves_the_png_with_provenance():
+    """The whole door: validate (query string), generate on MAX, image shown, download bytes carry the
+    same provenance as the CLI's PNG with entry "gui"."""
+    from PIL import Image
+
+    at = _app(model="embedded", validate="1")
+    at.text_area(key="prompt").set_value("a lighthouse at dusk")
+    at.number_input(key="steps").set_value(2)
+    at.number_input(key="seed").set_value(5)
+    at.button(key="generate").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, _texts(at.error)
+    assert len(at.image) == 1
+    assert at.download_button(key="download").label.startswith("Download PNG")
+    served = at.session_state["image"]
+    png = Image.open(io.BytesIO(served.png))
+    assert png.size == (128, 128)               # the CLI's default size for the embedded model
+    text = png.text
+    assert text["sdsecure:entry"] == "gui"
+    assert text["sdsecure:verdict"] == "allowed"
+    assert (text["sdsecure:prompt"], text["sdsecure:steps"], text["sdsecure:seed"]) == ("a lighthouse at dusk", "2", "5")
+    assert text["sdsecure:backend"] == "max"
+
+
 # -- logic -----------------------------------------------------------------------------------------
 
 def test_generation_gate_rules():
@@ -156,7 +181,8 @@ def test_download_bytes_keep_the_provenance():
     assert validation.verdict == "allowed" and validation.model is not None
     image = (np.arange(16 * 24 * 3) % 256).astype(np.uint8).reshape(16, 24, 3)
     params = GenerationParams(prompt="ein Bild — 画像", seed=7)
-    out = render_png(validation.model, image, params)
+    pipe = SimpleNamespace(scheduler_name="PNDMScheduler", device="cpu")   # what provenance reads
+    out = render_png(validation.model, image, params, pipe)
     png = Image.open(io.BytesIO(out.png))
     assert png.size == (24, 16)
     assert np.array_equal(np.asarray(png.convert("RGB")), image)
@@ -168,3 +194,5 @@ def test_download_bytes_keep_the_provenance():
     assert text["sdsecure:seed"] == "7"
     assert validation.model.lockfile_sha256
     assert text["sdsecure:lockfile_sha256"] == validation.model.lockfile_sha256
+    assert text["sdsecure:scheduler"] == "PNDMScheduler"
+    assert out.provenance == text

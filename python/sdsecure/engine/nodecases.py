@@ -150,16 +150,12 @@ def compare(case: Case, outputs: list[np.ndarray]) -> None:
     case.status, case.reason = PASS, ""
 
 
-def run_batch(cases: list[Case], graph_name: str = "onnx_node_cases") -> None:
-    """Build the prepared cases into one MAX graph, compile once, run, compare. Splits on failure."""
-    from max.driver import Buffer
+def _build(cases: list[Case], graph_name: str, traced: bool = False):
+    """One MAX graph holding every case (own inputs, own outputs). With `traced`, each case is emitted
+    through a trampoline whose file name is `<nodecase:NAME>`, so MAX's source tracebacks name the case
+    that an op which fails to compile belongs to."""
     from max.graph import DeviceRef, Graph
 
-    from sdsecure.engine.runtime import _inference_session
-
-    cases = [c for c in cases if c.folded is not None and not c.status]
-    if not cases:
-        return
     dev = DeviceRef.CPU()
     all_types, spans = [], []
     for c in cases:
@@ -173,9 +169,15 @@ def run_batch(cases: list[Case], graph_name: str = "onnx_node_cases") -> None:
         outs = []
         for k, (c, (first, count)) in enumerate(zip(cases, spans)):
             emitter = Emitter(c.folded, dev, prefix=f"c{k}.")
+            inputs = [graph.inputs[first + j].tensor for j in range(count)]
             try:
-                values = emitter.emit([graph.inputs[first + j].tensor for j in range(count)])
-            except (ImporterBug, UserError, Exception) as e:  # a converter bug is this case's failure
+                if traced:
+                    scope: dict = {}
+                    exec(compile("def emit(f, x):\n    return f(x)\n", f"<nodecase:{c.name}>", "exec"), scope)
+                    values = scope["emit"](emitter.emit, inputs)
+                else:
+                    values = emitter.emit(inputs)
+            except Exception as e:  # a converter bug is this case's failure
                 c.status, c.reason = ERROR, f"build: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
                 continue
             weights.update(emitter.weights)
@@ -183,6 +185,45 @@ def run_batch(cases: list[Case], graph_name: str = "onnx_node_cases") -> None:
             outs.extend(values)
             n_out += len(values)
         graph.output(*outs)
+    return graph, weights, built
+
+
+def _culprits(cases: list[Case], graph_name: str) -> list[Case]:
+    """Recompile with source tracebacks to find which cases hold the ops that fail to compile."""
+    from max.graph import Graph
+
+    from sdsecure.engine.runtime import _inference_session
+
+    old = Graph.debug.source_tracebacks
+    Graph.debug.source_tracebacks = True
+    try:
+        graph, _, built = _build(cases, graph_name + "_traced", traced=True)
+        try:
+            _inference_session("cpu").compile(graph)
+            return []
+        except Exception as e:
+            text = str(e) + " " + str(e.__cause__ or "")
+    finally:
+        Graph.debug.source_tracebacks = old
+    names = set(re.findall(r"<nodecase:([^>]+)>", text))
+    found = [c for c, _, _ in built if c.name in names]
+    errors = re.findall(r"error: [^\n]{0,300}", text)
+    for c in found:
+        c.status, c.reason = ERROR, "compile: " + (errors[0] if errors else _first_line(RuntimeError(text)))
+    return found
+
+
+def run_batch(cases: list[Case], graph_name: str = "onnx_node_cases") -> None:
+    """Build the prepared cases into one MAX graph, compile once, run, compare. When the batch fails to
+    compile, the failing cases are identified (source tracebacks, else bisection) and the rest rerun."""
+    from max.driver import Buffer
+
+    from sdsecure.engine.runtime import _inference_session
+
+    cases = [c for c in cases if c.folded is not None and not c.status]
+    if not cases:
+        return
+    graph, weights, built = _build(cases, graph_name)
     if not built:
         return
     session = _inference_session("cpu")
@@ -194,7 +235,12 @@ def run_batch(cases: list[Case], graph_name: str = "onnx_node_cases") -> None:
         if len(live) == 1:
             live[0].status, live[0].reason = ERROR, f"compile: {_first_line(e)}"
             return
-        log.warning("batch of %d cases failed to compile (%s); splitting", len(live), _first_line(e))
+        log.warning("batch of %d cases failed to compile; looking for the cause", len(live))
+        bad = _culprits(live, graph_name)
+        if bad:
+            log.warning("failing to compile: %s", ", ".join(c.name for c in bad))
+            run_batch([c for c in live if c not in bad], graph_name + "_r")
+            return
         half = len(live) // 2
         run_batch(live[:half], graph_name + "_a")
         run_batch(live[half:], graph_name + "_b")

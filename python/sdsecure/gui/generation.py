@@ -1,8 +1,8 @@
 """Generation in the GUI: parameters, their checks, and the PNG bytes the download button serves.
 
-The bytes served are the bytes `save_png` wrote (same provenance text chunks as the CLIs, plus
-"sdsecure:entry" = "gui"), read back from a private temporary folder: what the user downloads is
-exactly what the CLI would have written.
+The bytes served are the bytes `save_png` wrote, with the provenance the Python CLI writes (same
+function, "sdsecure:entry" = "gui"), read back from a private temporary folder: what the user
+downloads is exactly what the CLI would have written.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Callable
 
 import numpy as np
@@ -56,18 +57,11 @@ class GenerationParams:
     def scheduler_override(self) -> str | None:
         return None if self.scheduler == "model default" else self.scheduler
 
-    def provenance(self) -> dict[str, str]:
-        return {
-            "sdsecure:entry": "gui",
-            "sdsecure:prompt": self.prompt,
-            "sdsecure:negative_prompt": self.negative_prompt,
-            "sdsecure:seed": str(self.seed),
-            "sdsecure:steps": str(self.num_steps),
-            "sdsecure:guidance_scale": str(self.guidance_scale),
-            "sdsecure:size": f"{self.width}x{self.height}",
-            "sdsecure:scheduler": self.scheduler,
-            "sdsecure:backend": self.backend,
-        }
+    def as_run_args(self) -> SimpleNamespace:
+        """The fields the CLI's provenance() reads from its parsed arguments."""
+        return SimpleNamespace(prompt=self.prompt, negative_prompt=self.negative_prompt, seed=self.seed,
+                               num_steps=self.num_steps, guidance_scale=self.guidance_scale,
+                               width=self.width, height=self.height, backend=self.backend)
 
 
 @dataclass
@@ -87,11 +81,12 @@ def build_pipeline(model: "VerifiedModel", params: GenerationParams):
                              scheduler=params.scheduler_override)
 
 
-def render_png(model: "VerifiedModel", image: np.ndarray, params: GenerationParams) -> GeneratedImage:
-    """The PNG exactly as save_png writes it, with the gate's and this run's provenance."""
+def render_png(model: "VerifiedModel", image: np.ndarray, params: GenerationParams, pipeline) -> GeneratedImage:
+    """The PNG exactly as save_png writes it, with the same provenance as the CLI (entry "gui")."""
+    from sdsecure.cli.generate import provenance as run_provenance
     from sdsecure.pipeline.image import save_png
 
-    provenance = {**model.provenance(), **params.provenance()}
+    provenance = run_provenance(model, params.as_run_args(), pipeline, "gui")
     with tempfile.TemporaryDirectory(prefix="sdsecure-gui-") as tmp:
         path = save_png(Path(tmp) / "image.png", image, provenance)
         png = path.read_bytes()
@@ -103,5 +98,6 @@ def generate(model: "VerifiedModel", params: GenerationParams, pipeline=None,
     params.check()
     pipe = pipeline if pipeline is not None else build_pipeline(model, params)
     image = pipe.generate(params.prompt, negative_prompt=params.negative_prompt, num_steps=params.num_steps,
-                          guidance_scale=params.guidance_scale, seed=params.seed, progress=progress)
-    return render_png(model, image, params)
+                          guidance_scale=params.guidance_scale, seed=params.seed,
+                          progress=progress if progress is not None else False)
+    return render_png(model, image, params, pipe)

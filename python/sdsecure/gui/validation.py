@@ -91,11 +91,11 @@ def file_rows(report: "Report") -> list[dict[str, Any]]:
 
 
 def verdict_line(validation: Validation) -> str:
-    """One line for the banner, e.g. 'Verdict: ALLOWED for embedded @ local (policy default; 2 info)'."""
+    """One line for the banner, e.g. 'Verdict: BLOCKED for org/name @ <sha> (policy default; 1 critical, 4 info)'."""
     if validation.verdict == "error" or validation.report is None:
         return f"Verdict: COULD NOT CHECK ({validation.error})"
     report = validation.report
-    counts = ", ".join(f"{n} {sev}" for sev, n in report.counts().items() if n) or "no findings"
+    counts = ", ".join(f"{n} {sev}" for sev, n in reversed(report.counts().items()) if n) or "no findings"
     revision = report.revision or "local"
     return (f"Verdict: {validation.verdict.upper()} for {report.model_ref} @ {revision} "
             f"(policy {report.policy}; {counts})")
