@@ -57,7 +57,6 @@ def test_non_latin1_values_go_to_itxt(tmp_path):
 @pytest.mark.parametrize("exc", [RuntimeError("disk on fire"), KeyboardInterrupt()])
 def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, exc):
     """The encoder has written part of the file when it fails: no destination, no temporary."""
-    real_save = Image.Image.save
 
     def failing_save(self, fp, *args, **kwargs):
         fp.write(b"\x89PNG\r\n\x1a\n partial")
@@ -67,7 +66,6 @@ def test_failure_mid_write_leaves_nothing(tmp_path, monkeypatch, exc):
     with pytest.raises(type(exc)):
         save_png(tmp_path / "x.png", picture(), PROVENANCE)
     assert list(tmp_path.iterdir()) == []
-    monkeypatch.setattr(Image.Image, "save", real_save)
 
 
 def test_failure_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -1,8 +1,10 @@
 """SD 1.5 pipeline end to end on the embedded tiny model, at 128x128 (16x16 latents, UNet batch 2: the
 shapes the engine tests compile, so MAX's compile cache is shared), on onnxruntime and on MAX.
 
-Tolerance MAX vs onnxruntime (same seed, 10 PNDM steps): final latents within 1e-3 of their scale
-(measured ~1e-6), images within 2/255 per pixel (measured: identical or off by one at rounding edges).
+Tolerance MAX vs onnxruntime (same seed, 10 PNDM steps): final latents within 1e-4 of their scale, images
+within 2/255 per pixel. Measured (PNDM/DDIM/Euler, 10 and 25 steps): latents max abs diff 2.7e-5..8.4e-5
+on values up to ~67 (~1e-6 relative), images off by at most 1/255 on ~0.01% of values; text encoder
+hidden states 1.4e-6. MAX run twice with the same seed: bit-identical.
 """
 
 from __future__ import annotations
@@ -171,4 +173,4 @@ def test_max_same_seed_same_image_and_close_to_onnxruntime(max_pipe, ort_pipe):
     lat_max = max_pipe.denoise(hidden_ort, max_pipe.initial_noise(0), 10, 7.5)
     lat_ort = ort_pipe.denoise(hidden_ort, ort_pipe.initial_noise(0), 10, 7.5)
     scale = max(1.0, float(np.abs(lat_ort).max()))
-    assert float(np.abs(lat_max - lat_ort).max()) <= 1e-3 * scale
+    assert float(np.abs(lat_max - lat_ort).max()) <= 1e-4 * scale
