@@ -6,6 +6,11 @@
 #
 #   mojo run mojo/text_to_image.mojo --prompt "a lighthouse at dusk" --output out.png
 #
+# Under `mojo run` it checks its arguments, then builds itself once into the sdsecure cache and
+# runs that binary (MAX's Python engine cannot share the JIT's runtime; see "hand-over" below).
+# `mojo build mojo/text_to_image.mojo -o text_to_image` gives the same program directly.
+# (Mojo 1.x only accepts the `.mojo` extension; the old `.🔥` one is refused.)
+#
 # Run it from the project's Python environment (`. .venv/bin/activate`, or `pixi run`), or point
 # Mojo at that interpreter with MOJO_PYTHON=/path/to/venv/bin/python.
 #
@@ -340,6 +345,78 @@ def run(opts: Options) raises:
     print("image: " + String(py=Python.str(output)))
 
 
+# ---------------------------------------------------------------------------------------------
+# `mojo run` hand-over
+# ---------------------------------------------------------------------------------------------
+# Under `mojo run` the program lives in the Mojo JIT, which already owns the Modular runtime
+# context; MAX's Python engine then asks for a context with other options and the process aborts
+# ("Init::getOrCreateContext() requested an M::Context with different Init::Options", MAX 26.7 /
+# Mojo 1.2). A program built with `mojo build` has no such conflict. So, when it finds itself
+# JIT-hosted, this program builds itself once into the sdsecure cache (keyed by the sha256 of this
+# source and the Mojo version) and runs that binary with the same arguments. Arguments are still
+# checked here first, so a bad flag costs no build.
+
+
+def jit_hosted(arg0: String) -> Bool:
+    """`mojo run x.mojo` passes the source path as argv[0]; a built binary gets its own path."""
+    return arg0.endswith(".mojo")
+
+
+def mojo_version() raises -> String:
+    try:
+        return String(py=Python.import_module("importlib.metadata").version("mojo"))
+    except:
+        return "unknown"
+
+
+def built_binary(source: String) raises -> PythonObject:
+    """The cached `mojo build` of `source`, built now if missing (atomically: build, then rename)."""
+    var hashlib = Python.import_module("hashlib")
+    var os = Python.import_module("os")
+    var shutil = Python.import_module("shutil")
+    var subprocess = Python.import_module("subprocess")
+    var sys = Python.import_module("sys")
+    var pathlib = Python.import_module("pathlib")
+    var hub = import_or_explain("sdsecure.hub")
+    var digest = String(py=hashlib.sha256(pathlib.Path(source).read_bytes()).hexdigest())
+    var folder = hub.sdsecure_cache_dir() / "mojo"
+    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+    var exe = folder / ("text_to_image-" + String(digest[byte=:16]) + "-mojo" + mojo_version())
+    if Bool(exe.is_file()):
+        return exe
+    var mojo = shutil.which("mojo")
+    if mojo is Python.none():
+        mojo = pathlib.Path(sys.executable).with_name("mojo")
+    print("mojo: building " + source + " once into " + String(py=Python.str(exe))
+          + " (MAX's engine cannot run inside `mojo run`'s JIT; later runs reuse the binary)", file=stderr)
+    var tmp = String(py=Python.str(exe)) + ".tmp-" + String(py=Python.str(os.getpid()))
+    var res = subprocess.run([mojo, "build", source, "-o", tmp], capture_output=True, text=True)
+    if Int(py=res.returncode) != 0:
+        fail("mojo build " + source + " failed: " + String(py=res.stderr), EXIT_ERROR)
+    os.replace(tmp, exe)
+    return exe
+
+
+def hand_over(source: String, args: List[String]) raises:
+    """Runs the built binary with our arguments, with the same Python, and exits with its status."""
+    var os = Python.import_module("os")
+    var subprocess = Python.import_module("subprocess")
+    var sys = Python.import_module("sys")
+    var exe: PythonObject
+    try:
+        exe = built_binary(source)
+    except e:
+        fail("cannot build " + source + " into the sdsecure cache (set SDSECURE_CACHE to a writable folder, "
+             + "or run `mojo build` yourself): " + String(" ").join(String(e).split()), EXIT_ERROR)
+        raise e^
+    var cmd = Python.list(exe)
+    for i in range(len(args)):
+        cmd.append(args[i])
+    var env = os.environ.copy()
+    env["MOJO_PYTHON"] = sys.executable
+    exit(Int(py=subprocess.run(cmd, env=env).returncode))
+
+
 def main() raises:
     var raw = argv()
     var args = List[String]()
@@ -355,4 +432,11 @@ def main() raises:
     except e:
         fail(String(e), EXIT_ERROR)
         return
-    run(opts)
+    # Anything not mapped above (an I/O error, a bug) is still one line and exit 2, never the
+    # runtime's "Unhandled exception" with exit 1, which would read as "blocked".
+    try:
+        if jit_hosted(String(raw[0])):
+            hand_over(String(raw[0]), args)
+        run(opts)
+    except e:
+        fail("internal error: " + String(" ").join(String(e).split()), EXIT_ERROR)

@@ -1,9 +1,9 @@
 """The Mojo entry point, mojo/text_to_image.mojo.
 
-Mojo does real work of its own (argument parsing and validation, mapping the gate's verdict to exit
-codes and printing the findings): tested here on a binary built once with `mojo build`. The doors that
-matter run through `mojo run`, as a user would: the embedded default writes an image; a planted
-backdoor exits 1 before anything is compiled, with the same finding the Python gate and CLI report.
+Mojo does real work of its own (argument parsing and validation, the exit codes, the `mojo run`
+hand-over to its own cached build): the argument cases run on a binary built once with `mojo build`.
+The doors that matter run through `mojo run`, as a user would: the embedded default writes an image;
+a planted backdoor exits 1 before anything is compiled, with the same findings the Python CLI prints.
 """
 
 from __future__ import annotations
@@ -30,17 +30,27 @@ def _mojo() -> str:
     return found
 
 
-def _env() -> dict[str, str]:
+def _env(**extra: str) -> dict[str, str]:
     # The interpreter Mojo embeds must be this one (the venv with sdsecure installed), whatever PATH says.
-    return {**os.environ, "MOJO_PYTHON": sys.executable, "HF_HUB_OFFLINE": "1"}
+    return {**os.environ, "MOJO_PYTHON": sys.executable, "HF_HUB_OFFLINE": "1", **extra}
 
 
-def _run(cmd: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+def _run(cmd: list[str], timeout: float = 900, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, env=_env(**env), capture_output=True, text=True, timeout=timeout)
 
 
-def mojo_run(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
-    return _run([_mojo(), "run", str(SOURCE), *args], timeout=timeout)
+@pytest.fixture(scope="module")
+def jit_cache(tmp_path_factory) -> Path:
+    """SDSECURE_CACHE for the `mojo run` tests: where the program caches its own build."""
+    return tmp_path_factory.mktemp("sdsecure-cache")
+
+
+def mojo_run(*args: str, cache: Path, timeout: float = 900, **env: str) -> subprocess.CompletedProcess:
+    return _run([_mojo(), "run", str(SOURCE), *args], timeout=timeout, SDSECURE_CACHE=str(cache), **env)
+
+
+def _self_builds(cache: Path) -> list[Path]:
+    return sorted((cache / "mojo").glob("text_to_image-*"))
 
 
 @pytest.fixture(scope="module")
@@ -68,27 +78,36 @@ def _one_line_error(res: subprocess.CompletedProcess, code: int, message: str) -
 
 # -- mojo run: the user's commands -------------------------------------------------------------------
 
-def test_mojo_run_help():
-    res = mojo_run("--help")
+def test_mojo_run_help(jit_cache: Path):
+    res = mojo_run("--help", cache=jit_cache)
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith("usage: mojo run mojo/text_to_image.mojo")
     for flag in FLAGS:
         assert flag in res.stdout, flag
 
 
-def test_mojo_run_rejects_zero_steps_before_touching_python():
-    res = mojo_run("--prompt", "a cat", "--num-steps", "0")
+def test_mojo_run_rejects_zero_steps_before_touching_python(jit_cache: Path):
+    res = mojo_run("--prompt", "a cat", "--num-steps", "0", cache=jit_cache)
     _one_line_error(res, 2, "--num-steps must be between 1 and 1000, got 0")
     assert "gate:" not in res.stdout
+    assert not _self_builds(jit_cache), "bad arguments must be refused before the program builds itself"
 
 
-def test_mojo_run_embedded_writes_an_image_with_provenance(tmp_path: Path):
+def _check_self_build(res: subprocess.CompletedProcess, built_before: bool, cache: Path) -> None:
+    """`mojo run` hands over to the program's own build: made once, then reused."""
+    assert ("mojo: building" in res.stderr) is (not built_before), res.stderr
+    assert len(_self_builds(cache)) == 1
+
+
+def test_mojo_run_embedded_writes_an_image_with_provenance(jit_cache: Path, tmp_path: Path):
     from PIL import Image
 
+    built_before = bool(_self_builds(jit_cache))
     out = tmp_path / "sub" / "mojo.png"            # a missing folder is created, as the Python CLI does
     res = mojo_run("--prompt", "a red cube on a table", "--negative-prompt", "blurry", "--num-steps", "2",
-                   "--seed", "3", "--guidance-scale", "5", "--output", str(out))
+                   "--seed", "3", "--guidance-scale", "5", "--output", str(out), cache=jit_cache)
     assert res.returncode == 0, res.stdout + res.stderr
+    _check_self_build(res, built_before, jit_cache)
     assert "gate: ALLOWED embedded under the default policy" in res.stdout
     assert f"image: {out}" in res.stdout
     image = Image.open(out)
@@ -111,40 +130,51 @@ def _blocking_lines(report) -> list[str]:
             + f": {f.message}" for f in report.blocking_findings()]
 
 
-def test_mojo_run_planted_backdoor_exits_before_any_compile(planted: Path, tmp_path: Path):
+def _max_compiled_into(cache: Path) -> bool:
+    """MAX keeps compiled graphs under MODULAR_CACHE_DIR/.mogg_cache."""
+    return any((cache / ".mogg_cache").rglob("*"))
+
+
+def test_mojo_run_planted_backdoor_exits_before_any_compile(jit_cache: Path, planted: Path, tmp_path: Path):
     from sdsecure.gate import audit
 
+    built_before = bool(_self_builds(jit_cache))
+    modular_cache = tmp_path / "modular-cache"
     out = tmp_path / "never.png"
-    res = mojo_run("--prompt", "a cat", "--model-id", str(planted), "--output", str(out))
+    res = mojo_run("--prompt", "a cat", "--model-id", str(planted), "--output", str(out), cache=jit_cache,
+                   MODULAR_CACHE_DIR=str(modular_cache))
     assert res.returncode == 1, res.stdout + res.stderr
+    _check_self_build(res, built_before, jit_cache)
     assert "gate: BLOCKED under the default policy" in res.stderr
     assert "Nothing was compiled or run." in res.stderr
     assert "pipeline:" not in res.stdout, "the pipeline was set up for a blocked model"
     assert not out.exists()
-    # The blocking findings are the Python gate's, each with rule, file and node.
+    assert not _max_compiled_into(modular_cache), "MAX compiled a graph of a blocked model"
+
+    # The blocking findings are the Python gate's: the planted trigger, with rule, file and node.
     report = audit(str(planted), progress=False).report
     blocking = report.blocking_findings()
     assert any(f.rule.startswith("BACKDOOR") and f.file == TEXT_ENCODER
                and any(n in f.where for n in TRIGGER_NODES) for f in blocking), blocking
-    assert not any(f.rule == "LOCK-MISMATCH" for f in blocking)
-    for line in _blocking_lines(report):
-        assert line in res.stderr, (line, res.stderr)
-
-
-def test_python_cli_reports_the_same_block(planted: Path, tmp_path: Path):
-    """The Python CLI and the Mojo program stop on the same rule, file and node, printed alike."""
-    from sdsecure.gate import audit
-
-    out = tmp_path / "never.png"
+    assert not any(f.rule == "LOCK-MISMATCH" for f in blocking), "the lockfile was regenerated: no mismatch"
+    # ... printed exactly as the Python CLI prints them for the same model.
     py = _run([sys.executable, str(REPO / "python" / "text_to_image_secure.py"), "--prompt", "a cat",
                "--model-id", str(planted), "--output", str(out)])
-    mj = mojo_run("--prompt", "a cat", "--model-id", str(planted), "--output", str(out))
-    assert (py.returncode, mj.returncode) == (1, 1), py.stdout + py.stderr + mj.stdout + mj.stderr
-    lines = _blocking_lines(audit(str(planted), progress=False).report)
-    assert lines
-    for line in lines:
-        assert line in py.stderr and line in mj.stderr, line
-    assert not out.exists()
+    assert py.returncode == 1, py.stdout + py.stderr
+    for line in _blocking_lines(report):
+        assert line in res.stderr and line in py.stderr, (line, res.stderr, py.stderr)
+
+
+def test_the_compile_probe_sees_a_max_compile(tmp_path: Path):
+    """Control for the test above: MODULAR_CACHE_DIR does receive MAX's compiled graphs."""
+    code = ("from max.driver import CPU\nfrom max.engine import InferenceSession\n"
+            "from max.graph import DeviceRef, Graph, TensorType, ops\nfrom max.dtype import DType\n"
+            "t = TensorType(DType.float32, [2], device=DeviceRef.CPU())\n"
+            "with Graph('probe', input_types=[t]) as g:\n    g.output(ops.add(g.inputs[0], g.inputs[0]))\n"
+            "InferenceSession(devices=[CPU()]).load(g)\n")
+    res = _run([sys.executable, "-c", code], MODULAR_CACHE_DIR=str(tmp_path))
+    assert res.returncode == 0, res.stderr
+    assert _max_compiled_into(tmp_path)
 
 
 # -- the built binary: Mojo's own argument handling -------------------------------------------------

@@ -18,6 +18,7 @@ import hashlib
 import logging
 import re
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Iterable
 
@@ -266,28 +267,23 @@ def _first_line(e: Exception) -> str:
     return " ".join(msg.split())[:600]
 
 
-def batches(cases: list[Case], size: int) -> list[list[Case]]:
-    """Cases grouped by op into batches of about `size` (an op's cases stay together when they fit)."""
-    by_op: dict[str, list[Case]] = {}
+def batches(cases: list[Case], buckets: int = 8) -> list[list[Case]]:
+    """Cases split into `buckets` batches by a hash of their op: an op's cases stay together, and adding
+    or changing one op recompiles only its batch (the others stay in MAX's cache)."""
+    out: list[list[Case]] = [[] for _ in range(buckets)]
     for c in cases:
-        by_op.setdefault(c.op, []).append(c)
-    out: list[list[Case]] = [[]]
-    for op in sorted(by_op):
-        group = by_op[op]
-        if out[-1] and len(out[-1]) + len(group) > size:
-            out.append([])
-        out[-1].extend(group)
+        out[zlib.crc32(c.op.encode()) % buckets].append(c)
     return [b for b in out if b]
 
 
-def run_cases(cases: Iterable[Case], batch_size: int = 80) -> list[Case]:
+def run_cases(cases: Iterable[Case], buckets: int = 8) -> list[Case]:
     """Prepare every case, then compile and run the runnable ones in batches (deterministic, so a
     second run finds every batch in MAX's cache)."""
     cases = list(cases)
     for c in cases:
         prepare(c)
     runnable = [c for c in cases if c.folded is not None and not c.status]
-    for i, batch in enumerate(batches(runnable, batch_size)):
+    for i, batch in enumerate(batches(runnable, buckets)):
         log.info("batch %d: %d cases (%s .. %s)", i, len(batch), batch[0].op, batch[-1].op)
         run_batch(batch, f"onnx_node_cases_{fingerprint(batch)}")
     return cases
