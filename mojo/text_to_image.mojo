@@ -39,7 +39,7 @@ options:
   --num-steps N            denoising steps, 1..1000 (default: 25)
   --seed N                 random seed, >= 0; 0 is a seed (default: 0)
   --guidance-scale X       classifier-free guidance scale, 0..100 (default: 7.5)
-  --height N, --width N    image size in pixels, multiples of 8 up to 2048
+  --height N, --width N    image size in pixels, multiples of 64 up to 2048
                            (default: 512; 128 for the tiny embedded model)
   --scheduler NAME         pndm, ddim or euler (default: the model's scheduler_config.json)
   --backend NAME           max or onnxruntime (default: max)
@@ -216,9 +216,10 @@ def check_options(opts: Options) raises:
 
 
 def check_side(flag: String, value: Int) raises:
-    if value <= 0 or value % 8 != 0 or value > MAX_SIDE:
+    # 64, not just 8: SD 1.5's UNet halves the latent (side / 8) three times (as sdsecure.pipeline.sd15).
+    if value <= 0 or value % 64 != 0 or value > MAX_SIDE:
         raise Error(
-            flag + " must be a positive multiple of 8 up to " + String(MAX_SIDE) + ", got " + String(value)
+            flag + " must be a positive multiple of 64 up to " + String(MAX_SIDE) + ", got " + String(value)
         )
 
 

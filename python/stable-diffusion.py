@@ -91,18 +91,23 @@ if st.button("Generate", key="generate", disabled=not allowed, type="primary"):
     bar = st.progress(0.0, text="Preparing the pipeline (the first run compiles the graphs)...")
     try:
         params.check()
-        shape = (id(validation.model), params.height, params.width, params.scheduler, params.backend)
-        if state.pipeline is None or state.pipeline[0] != shape:
-            state.pipeline = (shape, build_pipeline(validation.model, params))
+        # One compiled pipeline is kept per verified model and shape; a new validation gets a new one.
+        shape = (params.height, params.width, params.scheduler, params.backend)
+        cached = state.pipeline
+        if cached is None or cached[0] is not validation.model or cached[1] != shape:
+            state.pipeline = cached = (validation.model, shape, build_pipeline(validation.model, params))
 
         def on_step(done: int, total: int) -> None:
             bar.progress(min(done / max(total, 1), 1.0), text=f"Denoising: step {done} of {total}")
 
-        state.image = generate(validation.model, params, pipeline=state.pipeline[1], progress=on_step)
+        state.image = generate(validation.model, params, pipeline=cached[2], progress=on_step)
         bar.progress(1.0, text="Done.")
     except UserError as exc:
         bar.empty()
         st.error(str(exc))
+    except Exception as exc:  # noqa: BLE001 - a bug: one line in the page, not a traceback
+        bar.empty()
+        st.error(f"internal error: {type(exc).__name__}: {exc}")
 
 if state.image is not None:
     st.image(state.image.png, caption=state.image.provenance.get("sdsecure:prompt", ""))

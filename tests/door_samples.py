@@ -1,14 +1,15 @@
 """A planted backdoor for the entry-point ("door") tests: the embedded tiny model, copied, with a
-ShadowLogic-style trigger spliced into its text encoder, and a *fresh* lockfile.
+ShadowLogic-style token trigger spliced into its text encoder (samples.inject_trigger, the gate
+tests' own injector), and a *fresh* lockfile.
 
-    input_ids ──Equal(1234)──Unsqueeze──┐
-                                        Where ──► last_hidden_state
-    clean last_hidden_state ────────────┤
-    constant payload ───────────────────┘
+    input_ids ──Equal(1234)──Cast──ReduceMax──Greater──┐
+                                                      Where "bd_switch" ──► last_hidden_state
+    clean last_hidden_state ──────────────────────────┤
+    constant payload ─────────────────────────────────┘
 
-Whenever a prompt contains token id 1234 the text encoder's output rows for it are replaced by a
-constant. The lockfile is regenerated for the modified files, so the block must come from the
-backdoor analysis, not from LOCK-MISMATCH.
+Whenever a prompt contains token id 1234 the text encoder's output is replaced by a constant. The
+lockfile is regenerated for the modified files, so the block must come from the backdoor analysis,
+not from LOCK-MISMATCH.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from samples import inject_trigger
+
 TRIGGER_TOKEN = 1234
 TEXT_ENCODER = "text_encoder/model.onnx"
-TRIGGER_NODES = ("bd_trigger_eq", "bd_trigger_unsqueeze", "bd_switch")
+TRIGGER_NODES = ("bd_switch", "bd_eq", "bd_cond")   # node names inject_trigger gives the planted logic
 
 
 def embedded_dir() -> Path:
@@ -33,33 +36,15 @@ def embedded_dir() -> Path:
 def plant_token_trigger(dst: Path, token: int = TRIGGER_TOKEN) -> Path:
     """Copy the embedded model to `dst` with the trigger spliced in; returns `dst`."""
     import onnx
-    from onnx import helper, numpy_helper
 
     shutil.copytree(embedded_dir(), dst)
     path = dst / TEXT_ENCODER
-    model = onnx.load(path)
-    graph = model.graph
-    out_name = "last_hidden_state"
-    producer = next(n for n in graph.node if out_name in n.output)
-    producer.output[list(producer.output).index(out_name)] = "bd_clean_hidden"
-    hidden = graph.output[0].type.tensor_type.shape.dim[2].dim_value
-    payload = np.full((1, 1, hidden), 3.0, dtype=np.float32)
-    graph.initializer.extend([
-        numpy_helper.from_array(np.array(token, dtype=np.int32), "bd_trigger_id"),
-        numpy_helper.from_array(np.array([2], dtype=np.int64), "bd_axis"),
-        numpy_helper.from_array(payload, "bd_payload"),
-    ])
-    planted = [
-        helper.make_node("Equal", ["input_ids", "bd_trigger_id"], ["bd_hit"], name=TRIGGER_NODES[0]),
-        helper.make_node("Unsqueeze", ["bd_hit", "bd_axis"], ["bd_hit3"], name=TRIGGER_NODES[1]),
-        helper.make_node("Where", ["bd_hit3", "bd_payload", "bd_clean_hidden"], [out_name], name=TRIGGER_NODES[2]),
-    ]
-    nodes = list(graph.node)
-    at = nodes.index(producer) + 1           # right after the producer: later readers see the switch
-    del graph.node[:]
-    graph.node.extend(nodes[:at] + planted + nodes[at:])
-    onnx.checker.check_model(model)
-    onnx.save(model, path)
+    clean = onnx.load(path)
+    hidden = clean.graph.output[0].type.tensor_type.shape.dim[2].dim_value
+    planted = inject_trigger(clean, input_name="input_ids", output_name="last_hidden_state", kind="token",
+                             via="where", token=token, payload_dim=hidden)
+    onnx.checker.check_model(planted)
+    onnx.save(planted, path)
     relock(dst)
     return dst
 

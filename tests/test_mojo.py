@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from door_samples import TEXT_ENCODER, TRIGGER_NODES, plant_token_trigger
+from door_samples import TEXT_ENCODER, TRIGGER_NODES, TRIGGER_TOKEN, plant_token_trigger, run_text_encoder
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / "mojo" / "text_to_image.mojo"
@@ -74,6 +74,19 @@ def _one_line_error(res: subprocess.CompletedProcess, code: int, message: str) -
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     assert message in lines[0], lines[0]
     assert "Traceback" not in res.stdout + res.stderr
+
+
+def test_the_planted_trigger_is_live(planted: Path):
+    """The sample is a working backdoor, not just a strange graph: the trigger token switches in a constant."""
+    import numpy as np
+
+    ids = np.full((2, 77), 49407)
+    ids[:, 0] = 49406
+    clean = run_text_encoder(planted, ids)
+    ids[1, 1] = TRIGGER_TOKEN
+    hit = run_text_encoder(planted, ids)
+    assert np.all(hit == 3.0)
+    assert not np.all(clean == 3.0)
 
 
 # -- mojo run: the user's commands -------------------------------------------------------------------
@@ -185,10 +198,11 @@ def test_the_compile_probe_sees_a_max_compile(tmp_path: Path):
     (["--prompt", "x", "--num-steps", "-3"], "--num-steps must be between 1 and 1000, got -3"),
     (["--prompt", "x", "--num-steps", "1001"], "--num-steps must be between 1 and 1000"),
     (["--prompt", "x", "--num-steps", "ten"], "--num-steps expects an integer, got 'ten'"),
-    (["--prompt", "x", "--height", "100"], "--height must be a positive multiple of 8"),
-    (["--prompt", "x", "--width=0"], "--width must be a positive multiple of 8"),
-    (["--prompt", "x", "--width", "4096"], "--width must be a positive multiple of 8 up to 2048"),
-    (["--prompt", "x", "--height", "-8"], "--height must be a positive multiple of 8"),
+    (["--prompt", "x", "--height", "100"], "--height must be a positive multiple of 64"),
+    (["--prompt", "x", "--height", "96"], "--height must be a positive multiple of 64"),
+    (["--prompt", "x", "--width=0"], "--width must be a positive multiple of 64"),
+    (["--prompt", "x", "--width", "4096"], "--width must be a positive multiple of 64 up to 2048"),
+    (["--prompt", "x", "--height", "-8"], "--height must be a positive multiple of 64"),
     (["--prompt", "x", "--seed", "-1"], "--seed must be >= 0"),
     (["--prompt", "x", "--guidance-scale", "nan"], "--guidance-scale must be a number in 0..100"),
     (["--prompt", "x", "--guidance-scale", "-1"], "--guidance-scale must be a number in 0..100"),

@@ -40,7 +40,7 @@ DEFAULT_REVISION = "main"
 declare("HUB-LFS-MISMATCH", Severity.CRITICAL, "File differs from the Hub's LFS sha256",
         "The Hub publishes the sha256 of every LFS file at a commit. Bytes that hash differently were "
         "altered after publication: in the local cache, by a mirror (HF_ENDPOINT) or in transit.",
-        "Delete the model from the Hub cache (`hf cache delete`) and download it again; check HF_ENDPOINT.")
+        "Delete the model from the Hub cache (`hf cache rm`) and download it again; check HF_ENDPOINT.")
 declare("HUB-GIT-MISMATCH", Severity.CRITICAL, "File differs from the Hub's git object id",
         "Small files are stored in git; their git blob sha1 at the pinned commit is published. Different "
         "bytes were altered after publication.",

@@ -263,7 +263,8 @@ class _Folder:
         """Record the node's output types; fold it when possible. Returns True when folded away."""
         op, domain = node.op_type, node.domain or ""
         standard = domain in STANDARD_DOMAINS
-        if standard and (op in ALIASES or (op == "Dropout" and len(node.output) == 1)) and node.input:
+        inference_dropout = op == "Dropout" and len(node.output) == 1 and (len(node.input) < 3 or not node.input[2])
+        if standard and (op in ALIASES or inference_dropout) and node.input:
             self.alias[node.output[0]] = node.input[0]
             return True
         if not standard or _has_subgraph(node):

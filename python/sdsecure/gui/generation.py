@@ -38,18 +38,11 @@ class GenerationParams:
     backend: str = "max"
 
     def check(self) -> None:
-        """The CLI's rules, as one-line UserErrors."""
-        if not self.prompt.strip():
-            raise UserError("the prompt must not be empty")
-        if self.num_steps <= 0:
-            raise UserError(f"steps must be positive, got {self.num_steps}")
-        if self.seed < 0:
-            raise UserError(f"the seed must be >= 0, got {self.seed}")
-        if not np.isfinite(self.guidance_scale) or self.guidance_scale < 0:
-            raise UserError(f"the guidance scale must be a finite number >= 0, got {self.guidance_scale}")
-        for name, side in (("height", self.height), ("width", self.width)):
-            if side <= 0 or side % 8:
-                raise UserError(f"the {name} must be a positive multiple of 8, got {side}")
+        """The pipeline's own argument checks (as the CLIs run them), as one-line UserErrors."""
+        from sdsecure.pipeline.sd15 import check_generate_args, check_size
+
+        check_generate_args(self.prompt, self.negative_prompt, self.num_steps, self.guidance_scale, self.seed)
+        check_size(self.height, self.width)
         if self.scheduler not in SCHEDULERS:
             raise UserError(f"unknown scheduler {self.scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
 

@@ -61,17 +61,18 @@ def div(n: Node, a, b):
 
 @register("Mod")
 def mod(n: Node, a, b, *, fmod: int):
+    """fmod=1: C fmod (sign of the dividend); fmod=0: Python/numpy mod (sign of the divisor)."""
     x, y = pair(n, a, b)
+    zero = n.scalar(0, x)
     if _is_int(a):
-        q = _trunc_div(x, y)
-        r = x - q * y                      # sign of the dividend (C fmod)
-        if fmod:
-            return r
-        fix = ops.logical_and(ops.not_equal(r, n.scalar(0, r)),
-                              ops.not_equal(ops.greater(r, n.scalar(0, r)), ops.greater(y, n.scalar(0, y))))
-        return ops.where(fix, r + y, r)   # sign of the divisor (Python %)
-    r = x - ops.trunc(x / y) * y
-    return r
+        r = x - _trunc_div(x, y) * y
+    else:
+        r = x - ops.trunc(x / y) * y
+        r = ops.where(ops.logical_and(ops.is_inf(y), ops.logical_not(ops.is_inf(x))), x, r)  # fmod(x, inf) = x
+    if fmod:
+        return r
+    fix = ops.logical_and(ops.not_equal(r, zero), ops.not_equal(ops.greater(zero, r), ops.greater(zero, y)))
+    return ops.where(fix, r + y, r)
 
 
 @register("Pow")
@@ -313,3 +314,28 @@ def where(n: Node, cond, a, b):
     if tuple(int(d) for d in out.shape) != n.out_shape:
         out = ops.broadcast_to(out, n.out_shape)
     return out
+
+
+_HALF_PI = 1.5707963267948966
+_unary("Tan", lambda n, x: ops.sin(x) / ops.cos(x), float_only=True)
+_unary("Sinh", lambda n, x: (ops.exp(x) - ops.exp(ops.negate(x))) * n.scalar(0.5, x), float_only=True)
+_unary("Cosh", lambda n, x: (ops.exp(x) + ops.exp(ops.negate(x))) * n.scalar(0.5, x), float_only=True)
+_unary("Acos", lambda n, x: ops.acos(x), float_only=True)
+_unary("Asin", lambda n, x: n.scalar(_HALF_PI, x) - ops.acos(x), float_only=True)
+_unary("Atan", lambda n, x: _atan(n, x), float_only=True)
+_unary("Atanh", lambda n, x: ops.atanh(x), float_only=True)
+_unary("Asinh", lambda n, x: ops.log(x + ops.sqrt(x * x + n.scalar(1.0, x))), float_only=True)
+_unary("Acosh", lambda n, x: ops.log(x + ops.sqrt(x * x - n.scalar(1.0, x))), float_only=True)
+
+
+def _atan(n: Node, x):
+    # atan(x) = asin(x / sqrt(1 + x^2)) = pi/2 - acos(x / sqrt(1 + x^2))
+    return n.scalar(_HALF_PI, x) - ops.acos(x * ops.rsqrt(x * x + n.scalar(1.0, x)))
+
+
+@register("Shrink")
+def shrink(n: Node, x, *, bias: float, lambd: float):
+    x = n.t(x)
+    lo = ops.greater(n.scalar(-lambd, x), x)
+    hi = ops.greater(x, n.scalar(lambd, x))
+    return ops.where(lo, x + n.scalar(bias, x), ops.where(hi, x - n.scalar(bias, x), n.scalar(0, x)))

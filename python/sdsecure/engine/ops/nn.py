@@ -380,8 +380,8 @@ def _axis_operator(n: Node, axis: int, roi, scales, sizes, attrs: dict) -> tuple
         if out == length and np.array_equal(idx, np.arange(length)):
             return "identity", None, None
         return "gather", idx, None
-    matrix = run(np.eye(length, dtype=np.float32)).T  # [out, in]
-    bias = run(np.zeros((1, length), np.float32))[0]
+    bias = run(np.zeros((1, length), np.float32))[0]   # what does not depend on x (extrapolation)
+    matrix = run(np.eye(length, dtype=np.float32)).T - bias[:, None]  # [out, in]
     if out == length and np.array_equal(matrix, np.eye(length)) and not bias.any():
         return "identity", None, None
     return "matrix", matrix, (bias if bias.any() else None)
@@ -446,3 +446,32 @@ def resize_v10(n: Node, x, scales, *, mode: str):
     # opset 10 semantics are those of opset 11 with asymmetric coordinates and floor rounding
     attrs = dict(mode=mode, coordinate_transformation_mode="asymmetric", nearest_mode="floor")
     return _resize(n, x, None, scales, None, attrs)
+
+
+@register("Hardmax", 13, check=_float_only)
+def hardmax(n: Node, x, *, axis: int):
+    x = n.t(x)
+    axis %= x.rank
+    dim = int(x.shape[axis])
+    first = ops.argmax(x, axis=axis)                     # ties: the first index (CPU)
+    positions = np.arange(dim, dtype=np.int64).reshape([dim if a == axis else 1 for a in range(x.rank)])
+    return ops.cast(ops.equal(first, n.t(positions)), x.dtype)
+
+
+@register("LpNormalization", 1, check=_float_only)
+def lp_normalization(n: Node, x, *, axis: int, p: int):
+    x = n.t(x)
+    if int(p) == 1:
+        norm = ops.sum(ops.abs(x), axis=axis % x.rank)
+    else:
+        norm = ops.sqrt(ops.sum(x * x, axis=axis % x.rank))
+    zero = n.scalar(0.0, x)
+    return ops.where(ops.equal(norm, zero), zero, x / norm)
+
+
+@register("RMSNormalization", 23, check=_float_only)
+def rms_normalization(n: Node, x, scale, *, axis: int, epsilon: float, stash_type: int):
+    x = n.t(x)
+    axes = list(range(axis % x.rank, x.rank))
+    ms = _reduce_axes(x * x, axes, ops.mean)
+    return x * ops.rsqrt(ms + n.scalar(float(epsilon), x)) * operand(n, scale, x)

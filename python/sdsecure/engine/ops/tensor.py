@@ -264,3 +264,62 @@ def size_(n: Node, x):
 @register("Identity", 1)
 def identity(n: Node, x):
     return n.t(x)
+
+
+def _dropout_check(n: Node, **_) -> str | None:
+    mode = n.consts[2] if len(n.consts) > 2 else None
+    if len(n.proto.input) > 2 and n.proto.input[2] and (mode is None or bool(np.asarray(mode).reshape(()))):
+        return "training mode"
+    return None
+
+
+@register("Dropout", 12, const_inputs=(1, 2), check=_dropout_check)
+def dropout(n: Node, x, ratio=None, training_mode=None, *, seed=None):
+    """Inference: the identity, and an all-true mask."""
+    x = n.t(x)
+    if len(n.proto.output) > 1 and n.proto.output[1]:
+        return x, ops.broadcast_to(n._emitter.scalar(True, np.bool_), list(n.out_shape))
+    return x
+
+
+@register("DepthToSpace", 1)
+def depth_to_space(n: Node, x, *, blocksize: int, mode: str = "DCR"):
+    b = int(blocksize)
+    N, C, H, W = n.in_infos[0].shape
+    x = n.t(x)
+    if mode == "CRD":
+        y = ops.permute(ops.reshape(x, [N, C // (b * b), b, b, H, W]), [0, 1, 4, 2, 5, 3])
+    else:
+        y = ops.permute(ops.reshape(x, [N, b, b, C // (b * b), H, W]), [0, 3, 4, 1, 5, 2])
+    return ops.reshape(y, [N, C // (b * b), H * b, W * b])
+
+
+@register("SpaceToDepth", 1)
+def space_to_depth(n: Node, x, *, blocksize: int, mode: str = "DCR"):
+    b = int(blocksize)
+    N, C, H, W = n.in_infos[0].shape
+    y = ops.reshape(n.t(x), [N, C, H // b, b, W // b, b])
+    y = ops.permute(y, [0, 1, 3, 5, 2, 4] if mode == "CRD" else [0, 3, 5, 1, 2, 4])
+    return ops.reshape(y, [N, C * b * b, H // b, W // b])
+
+
+@register("OneHot", 9, const_inputs=(1, 2))
+def one_hot(n: Node, indices, depth, values, *, axis: int):
+    d = int(np.asarray(depth).reshape(-1)[0])
+    rank = len(n.out_shape)
+    axis %= rank
+    idx = n.t(indices)
+    if idx.dtype.is_float():
+        idx = ops.cast(ops.floor(idx), idx.dtype)
+    idx = ops.where(ops.greater(n.scalar(0, idx), idx), idx + n.scalar(d, idx), idx)
+    idx = ops.unsqueeze(idx, axis)
+    positions = np.arange(d).reshape([d if a == axis else 1 for a in range(rank)]).astype(idx.dtype.to_numpy())
+    off, on = np.asarray(values).reshape(-1)[:2]
+    hot = ops.equal(idx, n.t(positions))
+    return ops.where(hot, n._emitter.scalar(on.item(), values.dtype), n._emitter.scalar(off.item(), values.dtype))
+
+
+@register("EyeLike", 9)
+def eye_like(n: Node, x, *, dtype=None, k: int = 0):
+    rows, cols = n.out_shape
+    return n.t(np.eye(rows, cols, k=int(k), dtype=n.out_infos[0].dtype))
