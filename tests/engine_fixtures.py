@@ -47,7 +47,9 @@ def input_dtype(model, name: str) -> np.dtype:
 
 
 def feeds_for(fixture: str, name: str, seed: int = 0) -> tuple[dict[str, tuple[int, ...]], dict[str, np.ndarray]]:
-    """Input shapes and random feeds at batch 2, 77 tokens, 16x16 latents."""
+    """Input shapes and random feeds at the pipeline's test shapes (128x128 images): batch 2 (CFG),
+    77 tokens, 16x16 latents; the VAE decodes one image (batch 1), as the pipeline does, so both
+    share one compiled graph."""
     model, weights = component(fixture, name)
     rng = np.random.default_rng(seed)
     if name == "text_encoder":
@@ -62,7 +64,7 @@ def feeds_for(fixture: str, name: str, seed: int = 0) -> tuple[dict[str, tuple[i
                  "timestep": np.array([981], dtype=input_dtype(model, "timestep")),
                  "encoder_hidden_states": rng.standard_normal((BATCH, TOKENS, hidden)).astype(np.float32)}
     else:
-        feeds = {"latent_sample": rng.standard_normal((BATCH, 4, LATENT, LATENT)).astype(np.float32)}
+        feeds = {"latent_sample": rng.standard_normal((1, 4, LATENT, LATENT)).astype(np.float32)}
     return {k: v.shape for k, v in feeds.items()}, feeds
 
 
