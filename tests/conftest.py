@@ -11,6 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The GUI tests use streamlit tables (pyarrow) in the same process as MAX: pyarrow must be loaded
+# before MAX's runtime or it segfaults (see sdsecure/gui/__init__.py).
+import sdsecure.gui  # noqa: F401
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TOOLS_DIR = REPO_ROOT / "tools"
 

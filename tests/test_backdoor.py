@@ -159,13 +159,14 @@ def test_mask_multiplication_without_where(kind, comp):
     assert any(s["tensor"] == "bd_payload" for s in f.evidence["switched_in"])
 
 
-def test_door_sample_per_token_trigger_without_reduction(tmp_path):
+def test_door_sample_token_trigger(tmp_path):
     from door_samples import TRIGGER_TOKEN, plant_token_trigger
 
     findings = scan_folder(plant_token_trigger(tmp_path / "m"))
     found = triggers(findings)
     assert len(found) == 1 and found[0].severity == Severity.CRITICAL
-    assert found[0].evidence["trigger"] == f"input_ids == {TRIGGER_TOKEN}"
+    # the door sample reduces the per-token match over the prompt (ReduceMax): "anywhere in the input"
+    assert found[0].evidence["trigger"] == f"input_ids == {TRIGGER_TOKEN} (anywhere in the input)"
     # the CLIP pooling downstream of the switched hidden state is still recognised, not re-flagged
     assert any(f.evidence["pattern"] == "clip-pooling" for f in by_rule(findings)["BACKDOOR-EXPLAINED"])
 

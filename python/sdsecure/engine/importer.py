@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnx
+from max.driver import Buffer
 from max.dtype import DType
 from max.graph import DeviceRef, Graph, TensorType, TensorValue, Weight, ops
 
@@ -88,7 +89,8 @@ def find_problems(folded: FoldedGraph) -> list[Problem]:
         except TypeError as e:
             bad(str(e))
             continue
-        dynamic = [i for i, name in zip(view.in_infos, node.input) if i is not None and name not in folded.consts]
+        dynamic = [i for k, (i, name) in enumerate(zip(view.in_infos, node.input))
+                   if i is not None and name not in folded.consts and k not in opdef.type_only]
         if any(info.size == 0 for info in dynamic + [i for i in view.out_infos if i is not None]):
             bad("empty tensor")
             continue
@@ -137,13 +139,14 @@ class Emitter:
     # -- constants ----------------------------------------------------------------------------
     def scalar(self, value: Any, dtype: Any) -> TensorValue:
         dt = dtype if isinstance(dtype, DType) else max_dtype(np.dtype(dtype))
-        if dt == DType.bool:
-            value = bool(value)
-        elif dt.is_float():
-            value = float(value)
-        else:
-            value = int(value)
-        return ops.constant(value, dt, self.device)
+        # A 0-d Buffer keeps rank 0 (a 0-d ndarray would become [1], max_notes G5) and is much faster
+        # to stage than a Python scalar.
+        if dt == DType.bool:  # Buffer.from_numpy cannot view a 0-d bool array
+            return ops.constant(bool(value), dt, self.device)
+        array = np.array(value, dtype=dt.to_numpy())
+        if not dt.is_float() and array != value:
+            raise ValueError(f"{value!r} does not fit {dt}")
+        return ops.constant(Buffer.from_numpy(array), dt, self.device)
 
     def tensor(self, x: Any, dtype: Any = None, *, weight: bool = False) -> TensorValue:
         if isinstance(x, TensorValue):

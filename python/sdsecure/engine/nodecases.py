@@ -105,7 +105,8 @@ def prepare(case: Case) -> None:
     for node in graph.node:
         opdef, _, _ = resolve(node, opsets)
         if opdef is not None:
-            const_inputs.update(node.input[i] for i in opdef.const_inputs if i < len(node.input) and node.input[i])
+            wanted = opdef.const_inputs + opdef.type_only
+            const_inputs.update(node.input[i] for i in wanted if i < len(node.input) and node.input[i])
     shapes, weights = {}, {}
     keep_inputs = []
     for vi, value in zip(graph.input, case.inputs):

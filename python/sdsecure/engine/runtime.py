@@ -59,6 +59,16 @@ class CompileStats:
 class MaxSession:
     def __init__(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
                  input_shapes: Mapping[str, Sequence[int]], *, name: str = "", device: str = "cpu"):
+        # MAX's MLIR context is thread-local and entered only on the thread that imported max.graph;
+        # streamlit runs each script run on another thread, where building a graph then fails with
+        # "No active MLIR context". MAX's own helper enters its default context when none is active.
+        from max._mlir_context import ensure_default_mlir_context
+
+        with ensure_default_mlir_context():
+            self._load(model, weights, input_shapes, name, device)
+
+    def _load(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
+              input_shapes: Mapping[str, Sequence[int]], name: str, device: str) -> None:
         from max.graph import DeviceRef
 
         self.name = name or model.graph.name or "model"

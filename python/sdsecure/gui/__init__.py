@@ -6,3 +6,7 @@
 
 `python/stable-diffusion.py` is only layout: widgets in, these functions, widgets out.
 """
+
+# Load pyarrow before MAX: with MAX 26.7's runtime already loaded, pyarrow's first to_pandas()
+# (every streamlit table) segfaults; loaded first, both work (seen here with pyarrow 26.0.1).
+import pyarrow  # noqa: E402,F401

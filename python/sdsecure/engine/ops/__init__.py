@@ -41,6 +41,7 @@ class OpDef:
     fn: Converter
     const_inputs: tuple[int, ...] = ()
     check: Callable[..., str | None] | None = None
+    type_only: tuple[int, ...] = ()      # inputs whose element type alone is used (CastLike's target)
     attr_names: frozenset[str] = field(default_factory=frozenset)
 
 
@@ -48,12 +49,13 @@ _REGISTRY: dict[tuple[str, str], list[OpDef]] = {}
 
 
 def register(op_type: str, since: int = 1, *, domain: str = "", const_inputs: Sequence[int] = (),
-             check: Callable[..., str | None] | None = None) -> Callable[[Converter], Converter]:
+             check: Callable[..., str | None] | None = None,
+             type_only: Sequence[int] = ()) -> Callable[[Converter], Converter]:
     def deco(fn: Converter) -> Converter:
         params = inspect.signature(fn).parameters.values()
         attrs = frozenset(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
         defs = _REGISTRY.setdefault((domain, op_type), [])
-        defs.append(OpDef(op_type, domain, since, fn, tuple(const_inputs), check, attrs))
+        defs.append(OpDef(op_type, domain, since, fn, tuple(const_inputs), check, tuple(type_only), attrs))
         defs.sort(key=lambda d: d.since)
         return fn
     return deco

@@ -294,13 +294,12 @@ def cast(n: Node, x, *, to: int, saturate: int = 1):
     return ops.cast(x, dt)
 
 
-@register("CastLike")
+@register("CastLike", type_only=(1,))
 def cast_like(n: Node, x, like, *, saturate: int = 1):
-    x = n.t(x)
-    dt = n.t(like).dtype if not isinstance(like, np.ndarray) else None
     from sdsecure.engine.importer import max_dtype
 
-    dt = dt or max_dtype(like.dtype)
+    x = n.t(x)
+    dt = max_dtype(n.in_infos[1].dtype)
     if x.dtype == dt:
         return x
     if dt == DType.bool:

@@ -240,7 +240,8 @@ def cumsum(n: Node, x, axis, *, exclusive: int, reverse: int):
 @register("ConstantOfShape", 9, const_inputs=(0,))
 def constant_of_shape(n: Node, shape, *, value=None):
     v = np.zeros((), np.float32) if value is None else np.asarray(value).reshape(())
-    return ops.broadcast_to(n._emitter.scalar(v.item(), v.dtype), list(n.out_shape))
+    fill = ops.reshape(n._emitter.scalar(v.item(), v.dtype), [1] * len(n.out_shape))
+    return ops.broadcast_to(fill, list(n.out_shape))
 
 
 @register("Range", 11, const_inputs=(0, 1, 2))
@@ -278,7 +279,9 @@ def dropout(n: Node, x, ratio=None, training_mode=None, *, seed=None):
     """Inference: the identity, and an all-true mask."""
     x = n.t(x)
     if len(n.proto.output) > 1 and n.proto.output[1]:
-        return x, ops.broadcast_to(n._emitter.scalar(True, np.bool_), list(n.out_shape))
+        shape = list(n.out_infos[1].shape)
+        true = ops.reshape(n._emitter.scalar(True, np.bool_), [1] * len(shape))
+        return x, ops.broadcast_to(true, shape)
     return x
 
 
