@@ -65,3 +65,10 @@ def tokenizer_dir() -> Path:
 def fixture_model_dir(request) -> Path:
     """Each committed fixture pipeline in turn (legacy/embedded, dynamo)."""
     return FIXTURE_MODEL_DIRS[request.param]
+
+
+@pytest.fixture(autouse=True)
+def _online_unless_a_test_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests talk only to our loopback Hub server; HF_HUB_OFFLINE from the caller's shell (the demo
+    sets it) must not leak into the hub tests, which set it themselves where offline is the point."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)

@@ -70,7 +70,8 @@ def planted(tmp_path_factory) -> Path:
 
 def _one_line_error(res: subprocess.CompletedProcess, code: int, message: str) -> None:
     assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
-    lines = res.stderr.strip().splitlines()
+    # The Mojo toolchain itself may warn once that its crash reporter is missing (fresh venvs): not ours.
+    lines = [l for l in res.stderr.strip().splitlines() if not l.startswith("Failed to initialize Crashpad")]
     assert len(lines) == 1 and lines[0].startswith("error: "), res.stderr
     assert message in lines[0], lines[0]
     assert "Traceback" not in res.stdout + res.stderr
