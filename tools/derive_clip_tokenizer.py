@@ -10,7 +10,7 @@ wheel holds the same BPE. From it this writes, byte-identical to openai/clip-vit
                                                               sha256 3f0c4f7d...
 
 plus special_tokens_map.json and tokenizer_config.json for transformers' CLIPTokenizer as SD 1.5 uses
-it (pad = <|endoftext|>, model_max_length 77). See /work/shared/reference/clip_tokenizer.md.
+it (pad = <|endoftext|>, model_max_length 77). See shared/reference/clip_tokenizer.md (the project reference data).
 
     python tools/derive_clip_tokenizer.py OUT_DIR [--source bpe.txt.gz | open_clip_torch-3.3.0-*.whl]
 

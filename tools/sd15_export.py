@@ -49,7 +49,7 @@ MODEL_INDEX = {
     "vae_encoder": [None, None],
 }
 
-# SD 1.5's scheduler/scheduler_config.json (see /work/shared/reference/schedulers/README.md)
+# SD 1.5's scheduler/scheduler_config.json (see shared/reference/schedulers/README.md, copied in tests/data/schedulers/)
 SCHEDULER_CONFIG = {
     "_class_name": "PNDMScheduler",
     "_diffusers_version": "0.6.0",
