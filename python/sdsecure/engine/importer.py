@@ -135,6 +135,7 @@ class Emitter:
         self._const_values: dict[str, TensorValue] = {}
         self._name_of = {id(v): k for k, v in folded.consts.items()}
         self._counter = 0
+        self._filled: dict[tuple, TensorValue] = {}
 
     # -- constants ----------------------------------------------------------------------------
     def scalar(self, value: Any, dtype: Any) -> TensorValue:
@@ -178,6 +179,13 @@ class Emitter:
         arr = x if x.flags.c_contiguous else np.ascontiguousarray(x)
         self.weights[wname] = arr
         return Graph.current.add_weight(Weight(wname, dt, list(x.shape), self.device))
+
+    def filled(self, value: float, length: int, dtype: DType) -> TensorValue:
+        """A [length] tensor of `value` (shared by every user in this graph)."""
+        key = (float(value), int(length), dtype)
+        if key not in self._filled:
+            self._filled[key] = self.tensor(np.full((length,), value, dtype=dtype.to_numpy()))
+        return self._filled[key]
 
     # -- nodes --------------------------------------------------------------------------------
     def emit(self, inputs: Sequence[TensorValue]) -> list[TensorValue]:

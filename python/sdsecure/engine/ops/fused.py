@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from max.graph import ops
-
 from sdsecure.engine.ops import PRIVATE_DOMAIN, Node, register
+from sdsecure.engine.ops.nn import group_norm as _group_norm
 
 
 @register("GroupNorm", domain=PRIVATE_DOMAIN)
 def group_norm(n: Node, x, gamma, beta, *, num_groups: int, epsilon: float):
-    """torch.nn.GroupNorm on [N, C, ...]: MAX's fused group_norm kernel."""
-    return ops.group_norm(n.t(x), n.t(gamma), n.t(beta), num_groups=int(num_groups), epsilon=float(epsilon))
+    """torch.nn.GroupNorm on [N, C, ...] (see ops.nn.group_norm for how)."""
+    return _group_norm(n, x, int(num_groups), float(epsilon), gamma, beta)
