@@ -15,6 +15,7 @@ Nothing here reads external data.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
@@ -22,6 +23,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
+
+from sdsecure.gate.onnx_wire import initializer_raw_lengths
 
 MAIN = "main"
 
@@ -120,6 +123,7 @@ class TensorLoc:
     tensor: TensorProto
     graph_path: str
     kind: str = "attribute"  # "initializer" | "sparse" | "attribute" | "function-attribute"
+    raw_len: int | None = None   # len(tensor.raw_data) when known without copying it (see onnx_wire)
 
 
 @dataclass
@@ -131,6 +135,9 @@ class ModelIndex:
     tensors: list[TensorLoc] = field(default_factory=list)
     sparse: list[tuple[str, onnx.SparseTensorProto]] = field(default_factory=list)
     string_attrs: list[tuple[str, str]] = field(default_factory=list)   # (where, text)
+    # raw_data length of each main-graph initializer, in order (None entries: no raw_data), when the
+    # serialized bytes were available to read them from (onnx_wire); None otherwise
+    init_raw_len: list[int | None] | None = None
 
 
 def index_model(model: ModelProto) -> ModelIndex:
@@ -221,7 +228,16 @@ def cached_index(ctx: Any, path: str, model: ModelProto) -> ModelIndex:
     """The ModelIndex of ctx's file `path`, built once per scan (ScanContext.cache)."""
     key = ("onnx-index", path)
     if key not in ctx.cache:
-        ctx.cache[key] = index_model(model)
+        ix = index_model(model)
+        blob = ctx.files.get(path)
+        lengths = initializer_raw_lengths(blob.view(), model) if blob is not None else None
+        if lengths is not None:
+            ix.init_raw_len = lengths
+            mains = [k for k, tl in enumerate(ix.tensors) if tl.graph_path == MAIN and tl.kind == "initializer"]
+            for k, n in zip(mains, lengths):
+                if n is not None:
+                    ix.tensors[k] = dataclasses.replace(ix.tensors[k], raw_len=n)
+        ctx.cache[key] = ix
     return ctx.cache[key]
 
 
@@ -299,12 +315,13 @@ def raw_data_len(t: TensorProto) -> int:
     return len(t.raw_data) if t.HasField("raw_data") else 0
 
 
-def tensor_payload_bytes(t: TensorProto) -> int:
-    """An estimate of the bytes a tensor carries inline (0 for external data)."""
+def tensor_payload_bytes(t: TensorProto, raw_len: int | None = None) -> int:
+    """An estimate of the bytes a tensor carries inline (0 for external data); `raw_len`, when
+    known, is len(t.raw_data)."""
     if uses_external(t):
         return 0
     if t.HasField("raw_data"):
-        return raw_data_len(t)
+        return raw_len if raw_len is not None else raw_data_len(t)
     n = num_elements(t.dims)
     bits = elem_bits(t.data_type) or 64
     return n * bits // 8
@@ -342,8 +359,9 @@ def structural_copy(model: ModelProto, keep_bytes: int = 1 << 16, index: ModelIn
     _copy_fields(src, g, skip=("initializer", "input"))
     g.input.extend(src.input)
     declared = {vi.name for vi in src.input}
-    for t in src.initializer:
-        if uses_external(t) or tensor_payload_bytes(t) > keep_bytes:
+    lengths = index.init_raw_len if index is not None and index.init_raw_len is not None else None
+    for k, t in enumerate(src.initializer):
+        if uses_external(t) or tensor_payload_bytes(t, lengths[k] if lengths else None) > keep_bytes:
             if t.name not in declared:
                 g.input.append(value_info_for(t))
                 declared.add(t.name)

@@ -61,11 +61,12 @@ for _name in ("INT2", "UINT2"):
 MAX_SPARSE_INDEX_CHECK = 1 << 22
 
 
-def data_sources(t: TensorProto) -> dict[str, int]:
-    """{field: number of entries (bytes for raw_data)} for every populated data field."""
+def data_sources(t: TensorProto, raw_len: int | None = None) -> dict[str, int]:
+    """{field: number of entries (bytes for raw_data)} for every populated data field; `raw_len`,
+    when known, is len(t.raw_data)."""
     out: dict[str, int] = {}
     if t.HasField("raw_data"):
-        out["raw_data"] = raw_data_len(t)
+        out["raw_data"] = raw_len if raw_len is not None else raw_data_len(t)
     for f in _TYPED_FIELDS:
         n = len(getattr(t, f))
         if n:
@@ -83,7 +84,7 @@ def check_tensors(ctx: ScanContext, path: str, blob: Blob) -> Iterator[Finding]:
     ix = cached_index(ctx, path, model)
     for tl in walk_tensors(ix):
         t = tl.tensor
-        src = data_sources(t)
+        src = data_sources(t, tl.raw_len)
         ev = {"tensor": t.name, "dtype": type_name(t.data_type), "dims": list(t.dims), "fields": src}
         if len(src) > 1:
             yield Finding(DUAL.id, DUAL.severity, path, tl.where,

@@ -1,0 +1,108 @@
+"""onnx_wire: raw_data lengths read from the wire format must equal len(t.raw_data) as upb parses it,
+and anything the walk cannot vouch for must give None (callers then use the exact path)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from sdsecure.gate import onnx_wire
+from sdsecure.gate.onnx_wire import initializer_raw_lengths
+
+
+def _model(inits) -> onnx.ModelProto:
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    node = helper.make_node("Identity", [inits[0].name], ["y"])
+    return helper.make_model(helper.make_graph([node], "g", [], [out], inits))
+
+
+def _parsed(data: bytes) -> onnx.ModelProto:
+    m = onnx.ModelProto()
+    m.ParseFromString(data)
+    return m
+
+
+def test_lengths_match_upb_for_raw_typed_and_empty_tensors() -> None:
+    inits = [numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(3, 4), "raw"),
+             helper.make_tensor("typed", TensorProto.FLOAT, [2], [1.0, 2.0]),
+             helper.make_tensor("empty_raw", TensorProto.FLOAT, [0], b"", raw=True),
+             numpy_helper.from_array(np.zeros(300_000, np.float32), "big")]
+    data = _model(inits).SerializeToString()
+    model = _parsed(data)
+    got = initializer_raw_lengths(data, model)
+    want = [len(t.raw_data) if t.HasField("raw_data") else None for t in model.graph.initializer]
+    assert got == want == [48, None, 0, 1_200_000]
+
+
+def test_repeated_raw_data_field_last_one_wins_like_upb() -> None:
+    t = numpy_helper.from_array(np.ones(4, np.float32), "w")
+    extra = TensorProto(raw_data=b"\x00" * 40)          # appended bytes merge into the same tensor
+    t_bytes = t.SerializeToString() + extra.SerializeToString()
+    graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    g_bytes = graph.SerializeToString() + b"\x2a" + _varint(len(t_bytes)) + t_bytes   # field 5, wire 2
+    data = helper.make_model(helper.make_graph([], "x", [], [])).SerializeToString()
+    data = _without_graph(data) + b"\x3a" + _varint(len(g_bytes)) + g_bytes          # field 7, wire 2
+    model = _parsed(data)
+    assert len(model.graph.initializer[0].raw_data) == 40
+    assert initializer_raw_lengths(data, model) == [40]
+
+
+def test_graph_given_twice_is_left_to_the_exact_path() -> None:
+    data = _model([numpy_helper.from_array(np.ones(4, np.float32), "w")]).SerializeToString()
+    extra = onnx.ModelProto(graph=helper.make_graph([], "more", [], [],
+                                                    [numpy_helper.from_array(np.ones(2, np.float32), "v")]))
+    data2 = data + extra.SerializeToString()            # protobuf merges both graph fields
+    model = _parsed(data2)
+    assert [t.name for t in model.graph.initializer] == ["w", "v"]
+    assert initializer_raw_lengths(data2, model) is None
+
+
+def test_disagreement_with_the_parsed_model_gives_none() -> None:
+    data = _model([numpy_helper.from_array(np.ones(4, np.float32), "w")]).SerializeToString()
+    other = _parsed(_model([numpy_helper.from_array(np.ones(4, np.float32), "v")]).SerializeToString())
+    assert initializer_raw_lengths(data, other) is None
+    assert initializer_raw_lengths(data[:-3], _parsed(data)) is None       # truncated: malformed
+
+
+def test_work_is_bounded(monkeypatch) -> None:
+    data = _model([numpy_helper.from_array(np.ones(4, np.float32), "w")]).SerializeToString()
+    model = _parsed(data)
+    assert initializer_raw_lengths(data, model) == [16]
+    monkeypatch.setattr(onnx_wire, "_MAX_FIELDS", 3)
+    assert initializer_raw_lengths(data, model) is None
+
+
+def test_the_gate_uses_the_walk_and_still_finds_size_mismatches(tmp_path) -> None:
+    """ONNX-TENSOR-SIZE-MISMATCH still fires with lengths taken from the wire walk."""
+    from sdsecure.gate import audit
+    from sdsecure.gate.onnx_graph import cached_index
+    from sdsecure.gate.rules import ScanContext
+    from sdsecure.gate.blob import Blob
+
+    bad = numpy_helper.from_array(np.ones(4, np.float32), "w")
+    bad.raw_data = b"\x00" * 12                          # 3 floats for dims [4]
+    data = _model([bad]).SerializeToString()
+    ctx = ScanContext("m", {"m.onnx": Blob.from_bytes(data)}, False)
+    ix = cached_index(ctx, "m.onnx", ctx.onnx("m.onnx"))
+    assert ix.init_raw_len == [12] and ix.tensors[0].raw_len == 12
+    (tmp_path / "m.onnx").write_bytes(data)
+    ids = {f.rule for f in audit(str(tmp_path / "m.onnx"), progress=False).report.findings}
+    assert "ONNX-TENSOR-SIZE-MISMATCH" in ids
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _without_graph(data: bytes) -> bytes:
+    m = onnx.ModelProto()
+    m.ParseFromString(data)
+    m.ClearField("graph")
+    return m.SerializeToString()
