@@ -233,3 +233,42 @@ def test_demo_on_max(tmp_path, capsys):
     assert "gate: ALLOWED" in stdout and f"image: {out}" in stdout and "max on cpu" in stdout
     with Image.open(out) as im:
         assert im.text["sdsecure:backend"] == "max" and im.text["sdsecure:engine"].startswith("MAX ")
+
+
+def test_explicit_lockfile_mismatch_blocks_and_writes_nothing(tmp_path, capsys):
+    """--lockfile: a lockfile whose hash for the UNet weights differs blocks the run (exit 1)."""
+    lock = json.loads((EMBEDDED_DIR / "sdsecure.lock.json").read_text())
+    lock["files"]["unet/weights.pb"]["sha256"] = "0" * 64
+    (tmp_path / "pinned.lock.json").write_text(json.dumps(lock))
+    out = tmp_path / "x.png"
+    rc, _, stderr = run_cli(["--prompt", PROMPT, "--backend", "onnxruntime", "--lockfile",
+                             str(tmp_path / "pinned.lock.json"), "--output", str(out)], capsys)
+    assert rc == 1
+    assert "unet/weights.pb" in stderr and "[critical]" in stderr
+    assert not out.exists()
+
+
+def test_explicit_lockfile_that_matches_is_reported_verified(tmp_path, capsys):
+    shutil.copy(EMBEDDED_DIR / "sdsecure.lock.json", tmp_path / "pinned.lock.json")
+    out = tmp_path / "x.png"
+    rc, stdout, stderr = run_cli(["--prompt", PROMPT, "--backend", "onnxruntime", "--num-steps", "2", "--lockfile",
+                                  str(tmp_path / "pinned.lock.json"), "--output", str(out)], capsys)
+    assert rc == 0, stderr
+    assert "lockfile verified" in stdout
+    assert out.exists()
+
+
+def test_missing_lockfile_is_a_user_error(tmp_path, capsys):
+    rc, _, stderr = run_cli(["--prompt", PROMPT, "--backend", "onnxruntime", "--lockfile",
+                             str(tmp_path / "nope.json"), "--output", str(tmp_path / "x.png")], capsys)
+    assert rc == 2 and "nope.json" in stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_console_script_names_itself_in_errors(capsys, monkeypatch, no_gate):
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/sdsecure-generate"])
+    rc, _, stderr = run_cli(["--prompt", ""], capsys)
+    assert rc == 2 and stderr.strip().splitlines()[-1].startswith("sdsecure-generate: ")
+    monkeypatch.setattr(sys, "argv", ["python/text_to_image_secure.py"])
+    rc, _, stderr = run_cli(["--prompt", ""], capsys)
+    assert stderr.strip().splitlines()[-1].startswith("text_to_image_secure.py: ")

@@ -210,3 +210,66 @@ def test_gate_does_not_read_files_twice(monkeypatch):
     monkeypatch.setattr(rules, "run_all", lambda ctx: [])
     vm = audit("embedded", progress=False)
     assert sorted(opened) == sorted(p.rsplit("/", 1)[-1] for p in vm.files)
+
+
+# -- large files read in the background while the rules run ------------------------------------------
+
+SMALL_LIMIT = 100_000      # makes the tiny models' big files "large": text encoder, UNet weights, tokenizer
+
+
+def _deferred_limit(monkeypatch, limit: int = SMALL_LIMIT) -> None:
+    from sdsecure.gate import blob as gb, files as gf
+    monkeypatch.setattr(gf, "IN_MEMORY_LIMIT", limit)
+    monkeypatch.setattr(gb, "IN_MEMORY_LIMIT", limit)
+
+
+def test_background_reads_give_the_same_report(monkeypatch):
+    plain = audit(str(DYNAMO), progress=False).report.to_dict()
+    _deferred_limit(monkeypatch)
+    seen: list[bool] = []
+    real = rules.run_all
+
+    def spy(ctx):
+        seen.extend(b.deferred for b in ctx.files.values())
+        return real(ctx)
+
+    monkeypatch.setattr(rules, "run_all", spy)
+    report = audit(str(DYNAMO), progress=False).report.to_dict()
+    assert any(seen), "no file was read in the background"
+    assert report["files"] == plain["files"]
+    key = lambda f: (f["rule"], f["file"], f["where"], f["message"])  # noqa: E731
+    assert sorted(map(key, report["findings"])) == sorted(map(key, plain["findings"]))
+
+
+def test_a_backgrounded_pickle_is_still_judged(tmp_path: Path, monkeypatch):
+    from samples import pickle_payload
+    _deferred_limit(monkeypatch, 1000)
+    (tmp_path / "small.json").write_text("{}")
+    (tmp_path / "model.bin").write_bytes(pickle_payload() + b"\0" * 4000)   # large: read in the background
+    vm = audit(str(tmp_path), progress=False)
+    assert vm.files["model.bin"].deferred
+    hits = [f for f in vm.report.findings if f.file == "model.bin" and f.severity >= Severity.CRITICAL]
+    assert hits and "system" in json.dumps([h.evidence for h in hits]) + " ".join(h.message for h in hits)
+    assert vm.report.verdict == "blocked"
+
+
+def test_a_file_that_changes_during_the_background_read_is_dropped_and_reported(tmp_path: Path, monkeypatch):
+    from sdsecure.gate import files as gf
+    root = tmp_path / "m"
+    shutil.copytree(embedded_path(), root)
+    _deferred_limit(monkeypatch)
+    real_read_one = gf._read_one
+
+    def shrink_then_read(e, *a, **k):
+        if e.rel == "unet/weights.pb":                  # the file changes after it was listed
+            with open(root / e.rel, "r+b") as f:
+                f.truncate(e.st.st_size - 1)
+        return real_read_one(e, *a, **k)
+
+    monkeypatch.setattr(gf, "_read_one", shrink_then_read)
+    vm = audit(str(root), progress=False)
+    assert "unet/weights.pb" not in vm.files
+    unreadable = [f for f in vm.report.findings if f.rule == "FILE-UNREADABLE"]
+    assert [f.file for f in unreadable] == ["unet/weights.pb"] and "changed" in unreadable[0].message
+    assert not [f for f in vm.report.findings if f.rule == "GATE-INTERNAL-ERROR"]
+    assert "unet/weights.pb" not in [r["path"] for r in vm.report.to_dict()["files"]]

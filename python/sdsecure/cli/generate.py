@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from importlib import metadata
@@ -52,9 +53,16 @@ UNVERIFIED_BANNER = """\
 =============================================================================================="""
 
 
+def _prog(secure: bool) -> str:
+    """The name the user typed: the console script (sdsecure-generate) or the entry script."""
+    name = os.path.basename(sys.argv[0] or "")
+    if name.startswith("sdsecure-"):
+        return name
+    return "text_to_image_secure.py" if secure else "text_to_image.py"
+
+
 def build_parser(*, secure: bool = True) -> ArgumentParser:
-    prog = "text_to_image_secure.py" if secure else "text_to_image.py"
-    p = ArgumentParser(prog=prog, description=(
+    p = ArgumentParser(prog=_prog(secure), description=(
         "Generate an image with Stable Diffusion 1.5 on MAX" +
         (", after the security gate has validated the model." if secure else
          " WITHOUT validating the model (kept for comparison; use text_to_image_secure.py).")))
@@ -74,6 +82,9 @@ def build_parser(*, secure: bool = True) -> ArgumentParser:
     p.add_argument("--model-id", default=DEFAULT_MODEL,
                    help="'embedded' (default), a local folder, or a Hub id org/name[@revision]")
     p.add_argument("--revision", default=None, help="Hub revision to pin (a 40-hex commit sha is best)")
+    p.add_argument("--lockfile", default=None, metavar="PATH",
+                   help="also verify this lockfile (made by `model_security.py lock`): a hash or revision "
+                        "mismatch blocks the run")
     p.add_argument("--backend", choices=BACKENDS, default="max", help="inference engine (default max)")
     p.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log progress details (-vv: debug)")
@@ -248,10 +259,10 @@ def _main(argv: Sequence[str] | None, *, secure: bool = True) -> int:
         print(SKIP_BANNER, file=sys.stderr)
     try:
         if skip:
-            model = gate.load_unverified(args.model_id, revision=args.revision)
+            model = gate.load_unverified(args.model_id, revision=args.revision, lockfile=args.lockfile)
         else:
             policy = "strict" if args.strict_security else "default"
-            model = gate.validate(args.model_id, policy, revision=args.revision)
+            model = gate.validate(args.model_id, policy, revision=args.revision, lockfile=args.lockfile)
     except SecurityError as e:
         lines = blocked_summary(e.report)
         print("\n".join(lines), file=sys.stderr)
@@ -274,12 +285,12 @@ def _main(argv: Sequence[str] | None, *, secure: bool = True) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """text_to_image_secure.py / sdsecure-generate."""
-    return run(lambda a: _main(a, secure=True), argv, prog="text_to_image_secure.py")
+    return run(lambda a: _main(a, secure=True), argv, prog=_prog(True))
 
 
 def main_unverified(argv: Sequence[str] | None = None) -> int:
     """text_to_image.py: the original behaviour, no security rules (hashing only), with a warning banner."""
-    return run(lambda a: _main(a, secure=False), argv, prog="text_to_image.py")
+    return run(lambda a: _main(a, secure=False), argv, prog=_prog(False))
 
 
 if __name__ == "__main__":

@@ -11,18 +11,67 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
-from dataclasses import dataclass
 from typing import Callable
 
 IN_MEMORY_LIMIT = 64 << 20          # files up to this size are kept as bytes
 CHUNK = 8 << 20                     # streaming read size
 
 
-@dataclass(frozen=True)
+class BlobUnavailable(OSError):
+    """A deferred blob whose read failed (the walk reports why as a finding)."""
+
+
 class Blob:
-    data: "bytes | mmap.mmap"       # never written after construction
-    sha256: str
-    size: int
+    """The verified bytes of one file, their sha256 and size; never written after they are set.
+
+    A *deferred* blob (Blob.deferred) knows only its size at first: a background reader fills it in
+    while the rules look at other files, and `data` / `sha256` wait for it (see files.walk_snapshot)."""
+
+    __slots__ = ("size", "deferred", "_data", "_sha256", "_done", "_error")
+
+    def __init__(self, data: "bytes | mmap.mmap", sha256: str, size: int):
+        self.size = size
+        self.deferred = False
+        self._data, self._sha256, self._error = data, sha256, None
+        self._done = None
+
+    @classmethod
+    def deferred_read(cls, size: int) -> "Blob":
+        import threading
+
+        blob = cls(b"", "", size)
+        blob.deferred = True
+        blob._done = threading.Event()
+        return blob
+
+    def _fill(self, other: "Blob") -> None:
+        self._data, self._sha256 = other._data, other._sha256
+        self._done.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        self._error = exc
+        self._done.set()
+
+    def wait(self) -> bool:
+        """Block until a deferred read is over; False if it failed."""
+        if self._done is not None:
+            self._done.wait()
+        return self._error is None
+
+    @property
+    def data(self) -> "bytes | mmap.mmap":
+        if not self.wait():
+            raise BlobUnavailable(f"the file could not be read: {self._error}")
+        return self._data
+
+    @property
+    def sha256(self) -> str:
+        self.data
+        return self._sha256
+
+    def __repr__(self) -> str:
+        state = "pending" if self._done is not None and not self._done.is_set() else self._sha256[:12]
+        return f"Blob(size={self.size}, {state})"
 
     def view(self) -> memoryview:
         """A read-only view of the verified bytes (zero-copy)."""
@@ -30,7 +79,8 @@ class Blob:
 
     def bytes(self) -> bytes:
         """The verified bytes as `bytes` (copies large blobs: use view() for weights)."""
-        return self.data if isinstance(self.data, bytes) else bytes(self.view())
+        data = self.data
+        return data if isinstance(data, bytes) else bytes(self.view())
 
     def release(self) -> None:
         """Drop a large blob's pages from this process's resident set after a full pass over it.

@@ -19,13 +19,14 @@ import logging
 import os
 import stat
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable
 
 from sdsecure.errors import UserError
-from sdsecure.gate.blob import Blob, read_blob
+from sdsecure.gate.blob import IN_MEMORY_LIMIT, Blob, read_blob
 from sdsecure.gate.report import Finding, Severity
 from sdsecure.gate.rules import declare
 
@@ -104,6 +105,22 @@ class WalkResult:
     files: dict[str, Blob] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
     seconds: float = 0.0
+    _background: "threading.Thread | None" = None
+    _late: list[Finding] = field(default_factory=list)
+    _progress: tuple | None = None
+
+    def finish(self) -> list[Finding]:
+        """Wait for the deferred reads (walk_snapshot(defer_large=True)); drop the files that could
+        not be read and return the findings that say why (also added to `findings`)."""
+        if self._background is not None:
+            self._background.join()
+            self._background = None
+            failed = {id(b) for b in self.files.values() if not b.wait()}
+            for rel in [r for r, b in self.files.items() if id(b) in failed]:
+                del self.files[rel]
+            self.findings += self._late
+        late, self._late = self._late, []
+        return late
 
     @property
     def total_bytes(self) -> int:
@@ -225,11 +242,15 @@ def _finding(rule: str, sev: Severity, rel: str, message: str, **evidence) -> Fi
 
 def walk_snapshot(root: str | os.PathLike, *, include: Callable[[str], bool] | None = None,
                   only: Iterable[str] | None = None, limits: Limits | None = None, progress: bool = True,
-                  blob_dirs: Iterable[str | os.PathLike] | None = None) -> WalkResult:
+                  blob_dirs: Iterable[str | os.PathLike] | None = None, defer_large: bool = False) -> WalkResult:
     """Read every regular file below `root` once. `include(relpath)` restricts which files are read
     (e.g. a Hub download's allow patterns); `only` names the exact relative paths to read (the walk
     then descends only into their folders: a single model file in a big folder); `blob_dirs`
-    (default: detected from the HF cache layout) are the extra folders symlinks may point into."""
+    (default: detected from the HF cache layout) are the extra folders symlinks may point into.
+
+    `defer_large`: files above blob.IN_MEMORY_LIMIT are read by a background thread (ONNX files
+    first) into deferred blobs, so the caller can analyse the small files meanwhile; call
+    `result.finish()` before trusting `files` and `findings`. Without it, everything is read here."""
     if only is not None:
         wanted = {safe_relpath(p) for p in only}
         dirs = {"/".join(p.split("/")[:i]) for p in wanted for i in range(1, p.count("/") + 1)}
@@ -253,11 +274,39 @@ def walk_snapshot(root: str | os.PathLike, *, include: Callable[[str], bool] | N
         for a in areas[1:]:
             area_fds.append(os.open(a, _O_DIR))
         entries, names_inside = _list(root_fd, real_root, areas, include, descend, limits, result.findings)
-        _read_entries(entries, names_inside, area_fds, limits, progress, result)
-    finally:
+        deferred = _read_entries(entries, names_inside, area_fds, limits, progress, result, defer_large)
+    except BaseException:
         for fd in area_fds:
             os.close(fd)
-    result.seconds = time.perf_counter() - t0
+        raise
+    if not deferred:
+        for fd in area_fds:
+            os.close(fd)
+        result.seconds = time.perf_counter() - t0
+        return result
+
+    def read_deferred() -> None:
+        try:
+            for e, blob in deferred:
+                got = _read_one(e, area_fds, bar_update, result._late)
+                if got is None:
+                    blob._fail(OSError(f"{e.rel} could not be read"))
+                else:
+                    blob._fill(got)
+        except BaseException as exc:  # noqa: BLE001 - every waiter must wake up, whatever happened
+            for _e, blob in deferred:
+                if not blob._done.is_set():
+                    blob._fail(exc)
+            result._late.append(_finding("FILE-UNREADABLE", Severity.HIGH, "", f"reading failed: {exc}"))
+        finally:
+            for fd in area_fds:
+                os.close(fd)
+            bar_finish()
+            result.seconds = time.perf_counter() - t0
+
+    bar_update, bar_finish = result._progress
+    result._background = threading.Thread(target=read_deferred, name="sdsecure-read", daemon=True)
+    result._background.start()
     return result
 
 
@@ -395,7 +444,10 @@ def _open_beneath(area_fd: int, parts: tuple[str, ...]) -> int:
 
 
 def _read_entries(entries: list[_Entry], names_inside: dict[tuple[int, int], int], area_fds: list[int],
-                  limits: Limits, progress: bool, result: WalkResult) -> None:
+                  limits: Limits, progress: bool, result: WalkResult,
+                  defer_large: bool = False) -> list[tuple[_Entry, Blob]]:
+    """Read the small files (all files unless `defer_large`); return the (entry, deferred blob)
+    pairs left for a background reader, ONNX files first."""
     findings = result.findings
     todo: list[_Entry] = []
     total = 0
@@ -435,16 +487,25 @@ def _read_entries(entries: list[_Entry], names_inside: dict[tuple[int, int], int
 
     bar = HashProgress(total, progress)
     by_inode: dict[tuple[int, int], Blob] = {}
+    deferred: list[tuple[_Entry, Blob]] = []
     for e in todo:
         key = (e.st.st_dev, e.st.st_ino)
         if key in by_inode:
             result.files[e.rel] = by_inode[key]
             continue
-        blob = _read_one(e, area_fds, bar.update, findings)
+        if defer_large and e.st.st_size > IN_MEMORY_LIMIT:
+            blob = Blob.deferred_read(e.st.st_size)
+            deferred.append((e, blob))
+        else:
+            blob = _read_one(e, area_fds, bar.update, findings)
         if blob is not None:
             by_inode[key] = blob
             result.files[e.rel] = blob
-    bar.finish(len(by_inode))
+    deferred.sort(key=lambda eb: (not eb[0].rel.endswith(".onnx"), eb[0].rel))
+    result._progress = (bar.update, lambda: bar.finish(len(by_inode)))
+    if not deferred:
+        bar.finish(len(by_inode))
+    return deferred
 
 
 def _read_one(e: _Entry, area_fds: list[int], on_progress, findings: list[Finding]) -> Blob | None:

@@ -78,7 +78,7 @@ def _run(ref: str, policy: str, *, revision: str | None, progress: bool,
     if mref.kind == "hub":
         fetched = hub.fetch(mref, progress=progress)
         findings += fetched.findings
-        walk = walk_snapshot(fetched.snapshot_dir, include=fetched.include, progress=progress)
+        walk = walk_snapshot(fetched.snapshot_dir, include=fetched.include, progress=progress, defer_large=scan)
     elif mref.kind == "file":
         assert mref.path is not None
         walk = walk_snapshot(mref.path.parent, only=[mref.path.name], progress=progress)
@@ -89,11 +89,17 @@ def _run(ref: str, policy: str, *, revision: str | None, progress: bool,
             walk.findings += more.findings
     else:
         assert mref.path is not None
-        walk = walk_snapshot(mref.path, progress=progress)
-    findings += walk.findings
-    files = walk.files
-    if not files and not walk.findings:
-        raise UserError(f"{mref} contains no files")
+        # large files are read and hashed in the background while the rules look at the rest
+        walk = walk_snapshot(mref.path, progress=progress, defer_large=scan)
+    try:
+        findings += walk.findings
+        files = walk.files
+        if not files and not walk.findings:
+            raise UserError(f"{mref} contains no files")
+        rule_findings = _scan(mref, files) if scan else []
+    finally:
+        findings += walk.finish()               # every byte read and hashed from here on
+    findings += rule_findings
 
     rev = fetched.revision if fetched else None
     repo_id = mref.repo_id
@@ -109,15 +115,6 @@ def _run(ref: str, policy: str, *, revision: str | None, progress: bool,
             live_status=fetched.security_status if fetched else None,
             live=bool(fetched and not fetched.offline), fetched_at=fetched.fetched_at if fetched else "")
         findings += rep_findings
-        ctx = ScanContext(model_ref=mref.text, files=files, is_sd_repo="model_index.json" in files)
-        try:
-            ctx.input_shapes = pipeline_input_shapes(ctx)
-            findings += rules.run_all(ctx)
-        except Exception as exc:  # noqa: BLE001 - fail closed, with the reason in the report
-            log.exception("rule failure on %s", mref)
-            findings.append(Finding("GATE-INTERNAL-ERROR", Severity.CRITICAL, "", "",
-                                    f"a rule failed, the analysis is incomplete: {type(exc).__name__}: {exc}",
-                                    {"error": f"{type(exc).__name__}: {exc}"}))
 
     report = Report(model_ref=mref.text, revision=rev, policy=str(pol),
                     files=[FileRecord(p, b.size, b.sha256) for p, b in sorted(files.items())],
@@ -126,6 +123,19 @@ def _run(ref: str, policy: str, *, revision: str | None, progress: bool,
              report.verdict if scan else "hashed (unverified)", time.perf_counter() - t0)
     return VerifiedModel(ref=mref.text, revision=rev, files=files, report=report, verified=scan,
                          lockfile_sha256=locks.sha256)
+
+
+def _scan(mref: refs.ModelRef, files: dict[str, Blob]) -> list[Finding]:
+    """Every rule over the snapshot; a rule that fails makes the report fail closed."""
+    ctx = ScanContext(model_ref=mref.text, files=files, is_sd_repo="model_index.json" in files)
+    try:
+        ctx.input_shapes = pipeline_input_shapes(ctx)
+        return rules.run_all(ctx)
+    except Exception as exc:  # noqa: BLE001 - fail closed, with the reason in the report
+        log.exception("rule failure on %s", mref)
+        return [Finding("GATE-INTERNAL-ERROR", Severity.CRITICAL, "", "",
+                        f"a rule failed, the analysis is incomplete: {type(exc).__name__}: {exc}",
+                        {"error": f"{type(exc).__name__}: {exc}"})]
 
 
 def _external_data_names(name: str, blob: Blob | None) -> list[str]:

@@ -113,7 +113,12 @@ def load_families() -> None:
 def run_all(ctx: ScanContext) -> list[Finding]:
     load_families()
     findings: list[Finding] = []
-    for path, blob in sorted(ctx.files.items()):
+    # files still being read in the background (large weights) come last, so the rules work on
+    # everything else meanwhile; ONNX files are read first and needed by most rules
+    order = sorted(ctx.files.items(), key=lambda pb: (pb[1].deferred and not pb[0].endswith(".onnx"), pb[0]))
+    for path, blob in order:
+        if not blob.wait():
+            continue                    # could not be read: the walk reports why
         base = path.rsplit("/", 1)[-1]
         for patterns, fn in _FILE_RULES:
             if any(fnmatch.fnmatch(base, p) for p in patterns):
