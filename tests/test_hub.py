@@ -341,3 +341,25 @@ def test_server_speaks_the_real_client_protocol(hub_env, repos, tmp_path):
     assert part.status_code == 206 and part.content == (embedded_path() / "unet" / "weights.pb").read_bytes()[10:20]
     r = httpx2.head(f"{hub_env.url}/sdsecure/tiny-sd15/resolve/{repos['sd']}/model_index.json")
     assert r.status_code == 200 and r.headers["X-Repo-Commit"] == repos["sd"] and int(r.headers["Content-Length"]) > 0
+
+
+def test_hub_snapshot_with_background_reads(hub_env, repos, monkeypatch):
+    """Large files of a Hub snapshot (symlinks into the cache's blobs folder) are read in the background
+    like local ones: same hashes, same verdict, tampering in the cache still caught."""
+    from sdsecure.gate import blob as gb, files as gf
+    plain = validate("sdsecure/tiny-sd15", progress=False)
+    monkeypatch.setattr(gf, "IN_MEMORY_LIMIT", 100_000)
+    monkeypatch.setattr(gb, "IN_MEMORY_LIMIT", 100_000)
+    vm = validate("sdsecure/tiny-sd15", progress=False)
+    assert any(b.deferred for b in vm.files.values())
+    assert {p: b.sha256 for p, b in vm.files.items()} == {p: b.sha256 for p, b in plain.files.items()}
+    assert vm.report.verdict == "allowed"
+    snap = cache_snapshot("sdsecure/tiny-sd15", repos["sd"])
+    target = Path(os.path.realpath(snap / "unet" / "weights.pb"))
+    data = bytearray(target.read_bytes())
+    data[-1] ^= 0xFF
+    os.chmod(target, 0o644)
+    target.write_bytes(bytes(data))
+    tampered = audit("sdsecure/tiny-sd15", progress=False)
+    assert ("HUB-LFS-MISMATCH", "unet/weights.pb") in mine(tampered.report)
+    assert tampered.report.verdict == "blocked"
