@@ -27,12 +27,14 @@ class Session(Protocol):
 
 
 def create_session(model, weights: Mapping[str, np.ndarray], input_shapes: Mapping[str, Sequence[int]], *,
-                   backend: str = "max", name: str = "") -> Session:
-    """A runnable session for `model` specialised to `input_shapes` (see the module docstring)."""
+                   backend: str = "max", name: str = "", init_in_background: bool = False) -> Session:
+    """A runnable session for `model` specialised to `input_shapes` (see the module docstring).
+    `init_in_background` (MAX): the session's last start-up step runs on a thread; the first run()
+    waits for it."""
     if backend == "max":
         from sdsecure.engine.runtime import MaxSession
 
-        return MaxSession(model, weights, input_shapes, name=name)
+        return MaxSession(model, weights, input_shapes, name=name, init_in_background=init_in_background)
     if backend in ("onnxruntime", "ort"):
         from sdsecure.engine.ort import OrtSession
 

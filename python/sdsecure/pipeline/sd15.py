@@ -215,13 +215,16 @@ class StableDiffusion15:
                 raise UserError(f"{component} graph has unexpected inputs {sorted(extra)}")
         self.input_shapes = {"text_encoder": te_shapes, "unet": unet_shapes, "vae_decoder": vae_shapes}
 
-        def session(component: str, proto: Any, shapes: dict[str, list[int]]):
+        def session(component: str, proto: Any, shapes: dict[str, list[int]], **kw):
             path = COMPONENT_FILES[component]
-            return create_session(proto, model.onnx_weights(path), shapes, backend=backend, name=component)
+            return create_session(proto, model.onnx_weights(path), shapes, backend=backend, name=component, **kw)
 
+        # The UNet is the slow one to start (at full size MAX spends ~8 s packing its conv filters,
+        # mostly on one core): its last step runs in the background while the other two are built.
+        self.unet = session("unet", unet_proto, unet_shapes, init_in_background=True)
         self.text_encoder = session("text_encoder", te_proto, te_shapes)
-        self.unet = session("unet", unet_proto, unet_shapes)
         self.vae_decoder = session("vae_decoder", vae_proto, vae_shapes)
+        getattr(self.unet, "wait_ready", lambda: None)()    # start-up errors surface here, not mid-run
 
     # -- shapes ----------------------------------------------------------------------------------
     def _timestep_shape(self) -> list[int]:
