@@ -106,3 +106,63 @@ def _without_graph(data: bytes) -> bytes:
     m.ParseFromString(data)
     m.ClearField("graph")
     return m.SerializeToString()
+
+
+# -- the light copy the rules parse ---------------------------------------------------------------------
+
+def _big(name: str, n: int = 300_000) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.arange(n, dtype=np.float32), name)
+
+
+def test_light_copy_drops_only_large_consistent_payloads() -> None:
+    from sdsecure.gate.onnx_graph import light_copy
+
+    inconsistent = _big("inconsistent")
+    inconsistent.dims[0] = 10                             # 1.2 MB of raw_data for 10 floats: kept
+    strings = helper.make_tensor("s", TensorProto.STRING, [1], [b"x" * (2 << 20)])
+    inits = [_big("big"), numpy_helper.from_array(np.ones(4, np.float32), "small"), inconsistent,
+             numpy_helper.from_array(np.ones(60_000, np.float32), "under_fold_cap"), strings]
+    model = _model(inits)
+    model.doc_string = "kept"
+    data = model.SerializeToString()
+    light, lengths = light_copy(data)
+    assert len(light) < len(data) - 1_000_000
+    assert lengths == [1_200_000, 16, 1_200_000, 240_000, None]
+    got = _parsed(light)
+    want = _parsed(data)
+    want.graph.initializer[0].raw_data = b""              # the only difference
+    assert got == want
+    assert got.graph.initializer[0].HasField("raw_data")
+
+
+def test_light_copy_is_not_made_when_nothing_is_dropped_or_the_walk_fails() -> None:
+    from sdsecure.gate.onnx_graph import light_copy
+
+    small = _model([numpy_helper.from_array(np.ones(4, np.float32), "w")]).SerializeToString()
+    assert light_copy(small) is None
+    data = _model([_big("big")]).SerializeToString()
+    extra = onnx.ModelProto(graph=helper.make_graph([], "more", [], []))
+    assert light_copy(data + extra.SerializeToString()) is None        # graph given twice
+    assert light_copy(data[:-5]) is None                                # truncated
+
+
+def test_rules_see_the_light_copy_with_the_true_lengths(tmp_path) -> None:
+    """A large, consistent initializer: parsed without its bytes, no false finding; a large one whose
+    raw_data is one float short: kept and flagged."""
+    from sdsecure.gate import audit
+    from sdsecure.gate.blob import Blob
+    from sdsecure.gate.rules import ScanContext
+
+    data = _model([_big("big")]).SerializeToString()
+    ctx = ScanContext("m", {"m.onnx": Blob.from_bytes(data)}, False)
+    assert ctx.onnx("m.onnx").graph.initializer[0].raw_data == b""
+    assert ctx.cache[("onnx-raw-lengths", "m.onnx")] == [1_200_000]
+    (tmp_path / "ok.onnx").write_bytes(data)
+    findings = audit(str(tmp_path / "ok.onnx"), progress=False).report.findings
+    assert not [f for f in findings if f.rule.startswith("ONNX-TENSOR")], findings
+
+    short = _big("big")
+    short.raw_data = short.raw_data[:-4]
+    (tmp_path / "short.onnx").write_bytes(_model([short]).SerializeToString())
+    ids = {f.rule for f in audit(str(tmp_path / "short.onnx"), progress=False).report.findings}
+    assert "ONNX-TENSOR-SIZE-MISMATCH" in ids

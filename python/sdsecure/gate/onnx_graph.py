@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
 
-from sdsecure.gate.onnx_wire import initializer_raw_lengths
+from sdsecure.gate.onnx_wire import initializer_raw_lengths, without_large_payloads
 
 MAIN = "main"
 
@@ -230,7 +230,11 @@ def cached_index(ctx: Any, path: str, model: ModelProto) -> ModelIndex:
     if key not in ctx.cache:
         ix = index_model(model)
         blob = ctx.files.get(path)
-        lengths = initializer_raw_lengths(blob.view(), model) if blob is not None else None
+        lengths = ctx.cache.get(("onnx-raw-lengths", path))        # set when ctx.onnx parsed a light copy
+        if lengths is not None and len(lengths) != len(model.graph.initializer):
+            raise RuntimeError(f"{path}: light copy lost initializers")   # cannot happen; fail closed
+        if lengths is None and blob is not None:
+            lengths = initializer_raw_lengths(blob.view(), model)
         if lengths is not None:
             ix.init_raw_len = lengths
             mains = [k for k, tl in enumerate(ix.tensors) if tl.graph_path == MAIN and tl.kind == "initializer"]
@@ -695,6 +699,25 @@ def flatten(model: ModelProto) -> FlatGraph:
 # ----------------------------------------------------------------------------------------------
 
 MAX_FOLD_ELEMENTS = 1 << 16
+
+
+LIGHT_COPY_MIN_BYTES = 1 << 20
+
+
+def _payload_droppable(dims: list[int], data_type: int, length: int) -> bool:
+    """Whether the rules can do without an initializer's raw_data bytes: large, consistent with its
+    dims and type, and above the size whose values any rule ever reads (small_tensor_value)."""
+    bits = elem_bits(data_type)
+    if bits is None or length < LIGHT_COPY_MIN_BYTES:
+        return False
+    n = num_elements(dims)
+    return n > MAX_FOLD_ELEMENTS and (n * bits + 7) // 8 == length
+
+
+def light_copy(data: Any) -> tuple[bytes, list[int | None]] | None:
+    """The serialized model without the payloads of its large main-graph initializers, and the raw_data
+    length of every main-graph initializer (onnx_wire.without_large_payloads); None: parse the original."""
+    return without_large_payloads(data, _payload_droppable)
 
 
 def small_tensor_value(t: TensorProto, max_elements: int = MAX_FOLD_ELEMENTS) -> np.ndarray | None:
