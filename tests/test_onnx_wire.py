@@ -8,6 +8,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from sdsecure.gate import onnx_wire
+from sdsecure.gate.onnx_wire import _varint_bytes as _varint
 from sdsecure.gate.onnx_wire import initializer_raw_lengths
 
 
@@ -90,15 +91,6 @@ def test_the_gate_uses_the_walk_and_still_finds_size_mismatches(tmp_path) -> Non
     (tmp_path / "m.onnx").write_bytes(data)
     ids = {f.rule for f in audit(str(tmp_path / "m.onnx"), progress=False).report.findings}
     assert "ONNX-TENSOR-SIZE-MISMATCH" in ids
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _without_graph(data: bytes) -> bytes:

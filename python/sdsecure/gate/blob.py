@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import threading
 from typing import Callable
 
 IN_MEMORY_LIMIT = 64 << 20          # files up to this size are kept as bytes
@@ -37,8 +38,6 @@ class Blob:
 
     @classmethod
     def deferred_read(cls, size: int) -> "Blob":
-        import threading
-
         blob = cls(b"", "", size)
         blob.deferred = True
         blob._done = threading.Event()
@@ -58,15 +57,18 @@ class Blob:
             self._done.wait()
         return self._error is None
 
-    @property
-    def data(self) -> "bytes | mmap.mmap":
+    def _require(self) -> None:
         if not self.wait():
             raise BlobUnavailable(f"the file could not be read: {self._error}")
+
+    @property
+    def data(self) -> "bytes | mmap.mmap":
+        self._require()
         return self._data
 
     @property
     def sha256(self) -> str:
-        self.data
+        self._require()
         return self._sha256
 
     def __repr__(self) -> str:
