@@ -145,7 +145,6 @@ def _read_large(fd: int, size: int, name: str, h: "hashlib._Hash",
     parallel (both release the GIL), so the wall time is close to the hashing time alone. Each hashed
     window is unmapped at once: the resident set stays small whatever the file size."""
     import fcntl
-    import threading
 
     mfd = _sealed_memfd(size, name)
     copied = 0                                  # bytes in the memfd so far (written by the copier)
