@@ -174,3 +174,27 @@ def test_max_same_seed_same_image_and_close_to_onnxruntime(max_pipe, ort_pipe):
     lat_ort = ort_pipe.denoise(hidden_ort, ort_pipe.initial_noise(0), 10, 7.5)
     scale = max(1.0, float(np.abs(lat_ort).max()))
     assert float(np.abs(lat_max - lat_ort).max()) <= 1e-4 * scale
+
+
+def test_unsupported_op_in_any_component_is_reported_before_any_compile(monkeypatch):
+    """A VAE with an op the MAX importer lacks: the error names the model, node and op, and comes before
+    the UNet or anything else is compiled."""
+    import onnx
+    from onnx import helper
+
+    from sdsecure.engine import runtime
+    from sdsecure.errors import UnsupportedOpError
+
+    vae = onnx.load(str(EMBEDDED_DIR / "vae_decoder" / "model.onnx"))
+    first = next(n for n in vae.graph.node if "latent_sample" in n.input)
+    first.input[list(first.input).index("latent_sample")] = "latent_via_einsum"
+    vae.graph.node.insert(0, helper.make_node("Einsum", ["latent_sample"], ["latent_via_einsum"],
+                                              equation="abcd->abcd", name="planted_einsum"))
+    m = verified_from_dir(EMBEDDED_DIR, replace={"vae_decoder/model.onnx": vae.SerializeToString()})
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("a graph was compiled before every component was checked")
+
+    monkeypatch.setattr(runtime, "_inference_session", no_compile)
+    with pytest.raises(UnsupportedOpError, match="vae_decoder.*Einsum.*planted_einsum"):
+        StableDiffusion15(m, backend="max", height=SIZE, width=SIZE)

@@ -26,15 +26,27 @@ class Session(Protocol):
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
 
+def prepare(model, weights: Mapping[str, np.ndarray], input_shapes: Mapping[str, Sequence[int]], *,
+            name: str = ""):
+    """MAX backend, first step of create_session: specialise and fold `model` to `input_shapes` and
+    check that every node can be imported (UnsupportedOpError otherwise). Nothing is compiled, so a
+    pipeline can check all its models before compiling any; pass the result as `prepared=`."""
+    from sdsecure.engine.runtime import prepare_graph
+
+    return prepare_graph(model, weights, input_shapes, name=name)
+
+
 def create_session(model, weights: Mapping[str, np.ndarray], input_shapes: Mapping[str, Sequence[int]], *,
-                   backend: str = "max", name: str = "", init_in_background: bool = False) -> Session:
+                   backend: str = "max", name: str = "", init_in_background: bool = False,
+                   prepared=None) -> Session:
     """A runnable session for `model` specialised to `input_shapes` (see the module docstring).
-    `init_in_background` (MAX): the session's last start-up step runs on a thread; the first run()
-    waits for it."""
+    MAX only: `init_in_background`: the session's last start-up step runs on a thread, the first run()
+    waits for it; `prepared`: the result of prepare() for the same arguments."""
     if backend == "max":
         from sdsecure.engine.runtime import MaxSession
 
-        return MaxSession(model, weights, input_shapes, name=name, init_in_background=init_in_background)
+        return MaxSession(model, weights, input_shapes, name=name, init_in_background=init_in_background,
+                          prepared=prepared)
     if backend in ("onnxruntime", "ort"):
         from sdsecure.engine.ort import OrtSession
 
@@ -42,4 +54,4 @@ def create_session(model, weights: Mapping[str, np.ndarray], input_shapes: Mappi
     raise UserError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
 
 
-__all__ = ["BACKENDS", "Session", "create_session"]
+__all__ = ["BACKENDS", "Session", "create_session", "prepare"]

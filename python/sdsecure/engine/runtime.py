@@ -58,6 +58,14 @@ class CompileStats:
         self.cache = ""          # "memory" (this process) or "compiled" (MAX: cold or its disk cache)
 
 
+def prepare_graph(model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
+                  input_shapes: Mapping[str, Sequence[int]], *, name: str = "") -> FoldedGraph:
+    """Specialise, fold and fuse; raise UnsupportedOpError before anything is built or compiled."""
+    folded = fuse(specialize(model, weights, input_shapes, name=name or model.graph.name or "model"))
+    check_supported(folded)
+    return folded
+
+
 class MaxSession:
     """`init_in_background`: the last step (MAX's session.init, which packs conv filters: ~8 s for the
     full UNet, mostly on one core) runs on a daemon thread; the first run() waits for it. The caller
@@ -65,7 +73,7 @@ class MaxSession:
 
     def __init__(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
                  input_shapes: Mapping[str, Sequence[int]], *, name: str = "", device: str = "cpu",
-                 init_in_background: bool = False):
+                 init_in_background: bool = False, prepared: FoldedGraph | None = None):
         # MAX's MLIR context is thread-local and entered only on the thread that imported max.graph;
         # streamlit runs each script run on another thread, where building a graph then fails with
         # "No active MLIR context". MAX's own helper enters its default context when none is active.
@@ -74,18 +82,17 @@ class MaxSession:
         self._init_thread: threading.Thread | None = None
         self._init_error: BaseException | None = None
         with ensure_default_mlir_context():
-            self._load(model, weights, input_shapes, name, device, init_in_background)
+            self._load(model, weights, input_shapes, name, device, init_in_background, prepared)
 
     def _load(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
               input_shapes: Mapping[str, Sequence[int]], name: str, device: str,
-              init_in_background: bool = False) -> None:
+              init_in_background: bool = False, prepared: FoldedGraph | None = None) -> None:
         from max.graph import DeviceRef
 
         self.name = name or model.graph.name or "model"
         self.stats = CompileStats()
         t0 = time.perf_counter()
-        folded = fuse(specialize(model, weights, input_shapes, name=self.name))
-        check_supported(folded)
+        folded = prepared if prepared is not None else prepare_graph(model, weights, input_shapes, name=self.name)
         self._folded: FoldedGraph = folded
         self.input_names = list(folded.inputs)
         self.output_names = list(folded.outputs)

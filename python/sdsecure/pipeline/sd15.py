@@ -164,7 +164,7 @@ def _text_progress() -> tuple[ProgressFn, Callable[[], None]]:
 class StableDiffusion15:
     def __init__(self, model: VerifiedModel, *, backend: str = "max", height: int = 512, width: int = 512,
                  scheduler: str | None = None):
-        from sdsecure.engine import create_session
+        from sdsecure.engine import create_session, prepare
 
         self.height, self.width = check_size(height, width)
         check_override(scheduler)
@@ -215,15 +215,22 @@ class StableDiffusion15:
                 raise UserError(f"{component} graph has unexpected inputs {sorted(extra)}")
         self.input_shapes = {"text_encoder": te_shapes, "unet": unet_shapes, "vae_decoder": vae_shapes}
 
-        def session(component: str, proto: Any, shapes: dict[str, list[int]], **kw):
-            path = COMPONENT_FILES[component]
-            return create_session(proto, model.onnx_weights(path), shapes, backend=backend, name=component, **kw)
+        protos = {"text_encoder": te_proto, "unet": unet_proto, "vae_decoder": vae_proto}
+        prepared: dict[str, Any] = {}
+        if backend == "max":                # every component checked before any (minutes-long) compile
+            prepared = {c: prepare(protos[c], model.onnx_weights(COMPONENT_FILES[c]), self.input_shapes[c], name=c)
+                        for c in protos}
+
+        def session(component: str, **kw):
+            weights = model.onnx_weights(COMPONENT_FILES[component])
+            return create_session(protos[component], weights, self.input_shapes[component], backend=backend,
+                                  name=component, prepared=prepared.get(component), **kw)
 
         # The UNet is the slow one to start (at full size MAX spends ~8 s packing its conv filters,
         # mostly on one core): its last step runs in the background while the other two are built.
-        self.unet = session("unet", unet_proto, unet_shapes, init_in_background=True)
-        self.text_encoder = session("text_encoder", te_proto, te_shapes)
-        self.vae_decoder = session("vae_decoder", vae_proto, vae_shapes)
+        self.unet = session("unet", init_in_background=True)
+        self.text_encoder = session("text_encoder")
+        self.vae_decoder = session("vae_decoder")
         getattr(self.unet, "wait_ready", lambda: None)()    # start-up errors surface here, not mid-run
 
     # -- shapes ----------------------------------------------------------------------------------
