@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine_fixtures import FIXTURES, component, feeds_for, session
+from engine_fixtures import FIXTURES, feeds_for, session
 
 TOLERANCE = {"text_encoder": 5e-5, "unet": 5e-5, "vae_decoder": 5e-5}
 
@@ -69,35 +69,3 @@ def test_pooled_output_follows_the_eos_position() -> None:
     out2 = mx.run({"input_ids": moved})
     np.testing.assert_allclose(out2["pooler_output"][0], out2["last_hidden_state"][0, 9], rtol=0, atol=1e-6)
 
-
-def test_init_in_background_gives_the_same_session() -> None:
-    """create_session(init_in_background=True): the first run waits for MAX's init and gives the same
-    outputs as a session initialised in the foreground (same cached compile)."""
-    from sdsecure.engine import create_session
-
-    model, weights = component("legacy", "text_encoder")
-    shapes, feeds = feeds_for("legacy", "text_encoder")
-    fg = create_session(model, weights, shapes, name="legacy-text_encoder")
-    bg = create_session(model, weights, shapes, name="legacy-text_encoder", init_in_background=True)
-    got, want = bg.run(feeds), fg.run(feeds)
-    assert got.keys() == want.keys()
-    for k in want:
-        np.testing.assert_array_equal(got[k], want[k])
-
-
-def test_background_init_error_surfaces_on_the_callers_thread(monkeypatch) -> None:
-    from max import engine as max_engine
-
-    from sdsecure.engine import create_session
-
-    def broken_init(self, compiled, *, weights_registry=None):
-        raise RuntimeError("init failed on purpose")
-
-    model, weights = component("legacy", "text_encoder")
-    shapes, feeds = feeds_for("legacy", "text_encoder")
-    monkeypatch.setattr(max_engine.InferenceSession, "init", broken_init)
-    sess = create_session(model, weights, shapes, name="legacy-text_encoder", init_in_background=True)
-    with pytest.raises(RuntimeError, match="init failed on purpose"):
-        sess.run(feeds)
-    with pytest.raises(RuntimeError, match="init failed on purpose"):
-        sess.wait_ready()

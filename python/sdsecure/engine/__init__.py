@@ -37,16 +37,13 @@ def prepare(model, weights: Mapping[str, np.ndarray], input_shapes: Mapping[str,
 
 
 def create_session(model, weights: Mapping[str, np.ndarray], input_shapes: Mapping[str, Sequence[int]], *,
-                   backend: str = "max", name: str = "", init_in_background: bool = False,
-                   prepared=None) -> Session:
+                   backend: str = "max", name: str = "", prepared=None) -> Session:
     """A runnable session for `model` specialised to `input_shapes` (see the module docstring).
-    MAX only: `init_in_background`: the session's last start-up step runs on a thread, the first run()
-    waits for it; `prepared`: the result of prepare() for the same arguments."""
+    MAX only: `prepared` is the result of prepare() for the same arguments (not folded again)."""
     if backend == "max":
         from sdsecure.engine.runtime import MaxSession
 
-        return MaxSession(model, weights, input_shapes, name=name, init_in_background=init_in_background,
-                          prepared=prepared)
+        return MaxSession(model, weights, input_shapes, name=name, prepared=prepared)
     if backend in ("onnxruntime", "ort"):
         from sdsecure.engine.ort import OrtSession
 

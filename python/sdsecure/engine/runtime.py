@@ -38,7 +38,7 @@ def _inference_session(device: str):
 
     if device != "cpu":
         raise UserError(f"device {device!r} is not supported (cpu only)")
-    with _SESSIONS_LOCK:                 # sessions may be created from several threads (sd15)
+    with _SESSIONS_LOCK:                 # sessions may be created from several threads (the GUI)
         if device not in _SESSIONS:
             _SESSIONS[device] = engine.InferenceSession(devices=[CPU()])
         return _SESSIONS[device]
@@ -67,26 +67,20 @@ def prepare_graph(model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
 
 
 class MaxSession:
-    """`init_in_background`: the last step (MAX's session.init, which packs conv filters: ~8 s for the
-    full UNet, mostly on one core) runs on a daemon thread; the first run() waits for it. The caller
-    can build other sessions meanwhile. (Only init goes to the thread: it needs no MLIR context.)"""
-
     def __init__(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
                  input_shapes: Mapping[str, Sequence[int]], *, name: str = "", device: str = "cpu",
-                 init_in_background: bool = False, prepared: FoldedGraph | None = None):
+                 prepared: FoldedGraph | None = None):
         # MAX's MLIR context is thread-local and entered only on the thread that imported max.graph;
         # streamlit runs each script run on another thread, where building a graph then fails with
         # "No active MLIR context". MAX's own helper enters its default context when none is active.
         from max._mlir_context import ensure_default_mlir_context
 
-        self._init_thread: threading.Thread | None = None
-        self._init_error: BaseException | None = None
         with ensure_default_mlir_context():
-            self._load(model, weights, input_shapes, name, device, init_in_background, prepared)
+            self._load(model, weights, input_shapes, name, device, prepared)
 
     def _load(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
               input_shapes: Mapping[str, Sequence[int]], name: str, device: str,
-              init_in_background: bool = False, prepared: FoldedGraph | None = None) -> None:
+              prepared: FoldedGraph | None) -> None:
         from max.graph import DeviceRef
 
         self.name = name or model.graph.name or "model"
@@ -119,36 +113,14 @@ class MaxSession:
             else:
                 self.stats.cache = "memory"
             self.stats.compile_s = time.perf_counter() - t1
-        if init_in_background:
-            self._init_thread = threading.Thread(target=self._init, args=(session, compiled),
-                                                 name=f"sdsecure-init:{self.name}"[:60], daemon=True)
-            self._init_thread.start()
-        else:
-            self._init(session, compiled)
-
-    def _init(self, session, compiled) -> None:
         t2 = time.perf_counter()
-        try:
-            self._model = session.init(compiled, weights_registry=self._weights)
-        except BaseException as exc:  # noqa: BLE001 - raised again by wait_ready() on the caller's thread
-            self._init_error = exc
-            return
+        self._model = session.init(compiled, weights_registry=self._weights)
         self.stats.init_s = time.perf_counter() - t2
         log.info("%s ready: build %.1f s, compile %.1f s (%s), init %.1f s", self.name, self.stats.build_s,
                  self.stats.compile_s, self.stats.cache, self.stats.init_s)
 
-    def wait_ready(self) -> None:
-        """Wait for a background init; raise its error, if any."""
-        if self._init_thread is not None:
-            self._init_thread.join()
-            self._init_thread = None
-        if self._init_error is not None:
-            raise self._init_error
-
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         from max.driver import Buffer
-
-        self.wait_ready()
 
         arrays = prepare_feeds(self.name, feeds, self.input_names,
                                {n: i.shape for n, i in zip(self.input_names, self._input_infos)},

@@ -221,17 +221,14 @@ class StableDiffusion15:
             prepared = {c: prepare(protos[c], model.onnx_weights(COMPONENT_FILES[c]), self.input_shapes[c], name=c)
                         for c in protos}
 
-        def session(component: str, **kw):
+        def session(component: str):
             weights = model.onnx_weights(COMPONENT_FILES[component])
             return create_session(protos[component], weights, self.input_shapes[component], backend=backend,
-                                  name=component, prepared=prepared.get(component), **kw)
+                                  name=component, prepared=prepared.get(component))
 
-        # The UNet is the slow one to start (at full size MAX spends ~8 s packing its conv filters,
-        # mostly on one core): its last step runs in the background while the other two are built.
-        self.unet = session("unet", init_in_background=True)
         self.text_encoder = session("text_encoder")
+        self.unet = session("unet")
         self.vae_decoder = session("vae_decoder")
-        getattr(self.unet, "wait_ready", lambda: None)()    # start-up errors surface here, not mid-run
 
     # -- shapes ----------------------------------------------------------------------------------
     def _timestep_shape(self) -> list[int]:
