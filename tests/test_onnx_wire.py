@@ -107,7 +107,7 @@ def _big(name: str, n: int = 300_000) -> onnx.TensorProto:
 
 
 def test_light_copy_drops_only_large_consistent_payloads() -> None:
-    from sdsecure.gate.onnx_graph import light_copy
+    from sdsecure.gate.onnx_graph import wire_initializers
 
     inconsistent = _big("inconsistent")
     inconsistent.dims[0] = 10                             # 1.2 MB of raw_data for 10 floats: kept
@@ -117,7 +117,8 @@ def test_light_copy_drops_only_large_consistent_payloads() -> None:
     model = _model(inits)
     model.doc_string = "kept"
     data = model.SerializeToString()
-    light, lengths = light_copy(data)
+    found = wire_initializers(data)
+    light, lengths = found.light, found.lengths
     assert len(light) < len(data) - 1_000_000
     assert lengths == [1_200_000, 16, 1_200_000, 240_000, None]
     got = _parsed(light)
@@ -128,14 +129,14 @@ def test_light_copy_drops_only_large_consistent_payloads() -> None:
 
 
 def test_light_copy_is_not_made_when_nothing_is_dropped_or_the_walk_fails() -> None:
-    from sdsecure.gate.onnx_graph import light_copy
+    from sdsecure.gate.onnx_graph import wire_initializers
 
     small = _model([numpy_helper.from_array(np.ones(4, np.float32), "w")]).SerializeToString()
-    assert light_copy(small) is None
+    assert wire_initializers(small).light is None
     data = _model([_big("big")]).SerializeToString()
     extra = onnx.ModelProto(graph=helper.make_graph([], "more", [], []))
-    assert light_copy(data + extra.SerializeToString()) is None        # graph given twice
-    assert light_copy(data[:-5]) is None                                # truncated
+    assert wire_initializers(data + extra.SerializeToString()) is None  # graph given twice
+    assert wire_initializers(data[:-5]) is None                          # truncated
 
 
 def test_rules_see_the_light_copy_with_the_true_lengths(tmp_path) -> None:

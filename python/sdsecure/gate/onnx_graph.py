@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
 
-from sdsecure.gate.onnx_wire import initializer_raw_lengths, without_large_payloads
+from sdsecure.gate.onnx_wire import Initializers, initializer_raw_lengths, read_initializers
 
 MAIN = "main"
 
@@ -230,11 +230,11 @@ def cached_index(ctx: Any, path: str, model: ModelProto) -> ModelIndex:
     if key not in ctx.cache:
         ix = index_model(model)
         blob = ctx.files.get(path)
-        lengths = ctx.cache.get(("onnx-raw-lengths", path))        # set when ctx.onnx parsed a light copy
-        if lengths is not None and len(lengths) != len(model.graph.initializer):
-            raise RuntimeError(f"{path}: light copy lost initializers")   # cannot happen; fail closed
-        if lengths is None and blob is not None:
-            lengths = initializer_raw_lengths(blob.view(), model)
+        key_lengths = ("onnx-raw-lengths", path)                   # checked by ctx.onnx when it parsed
+        if key_lengths in ctx.cache:
+            lengths = ctx.cache[key_lengths]
+        else:
+            lengths = initializer_raw_lengths(blob.view(), model) if blob is not None else None
         if lengths is not None:
             ix.init_raw_len = lengths
             mains = [k for k, tl in enumerate(ix.tensors) if tl.graph_path == MAIN and tl.kind == "initializer"]
@@ -714,10 +714,10 @@ def _payload_droppable(dims: list[int], data_type: int, length: int) -> bool:
     return n > MAX_FOLD_ELEMENTS and (n * bits + 7) // 8 == length
 
 
-def light_copy(data: Any) -> tuple[bytes, list[int | None]] | None:
-    """The serialized model without the payloads of its large main-graph initializers, and the raw_data
-    length of every main-graph initializer (onnx_wire.without_large_payloads); None: parse the original."""
-    return without_large_payloads(data, _payload_droppable)
+def wire_initializers(data: Any) -> Initializers | None:
+    """One walk of the serialized model: its main-graph initializers' raw_data lengths and, when it
+    has large initializers inline, a light copy without their payloads (onnx_wire.read_initializers)."""
+    return read_initializers(data, _payload_droppable)
 
 
 def small_tensor_value(t: TensorProto, max_elements: int = MAX_FOLD_ELEMENTS) -> np.ndarray | None:

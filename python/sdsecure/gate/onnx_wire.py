@@ -9,10 +9,15 @@ The walk is a cross-check, never a source of truth on its own: the result is use
 agrees with the parsed ModelProto (same initializer count, same names in order, raw_data present in
 exactly the same tensors). Anything unusual (the graph field given twice, which protobuf merges; a
 malformed or oversized field list) returns None and callers fall back to the exact, slower path.
+
+The same walk makes the *light copy* the rules parse when a model holds large weights inline: the
+model byte for byte, minus the raw_data bytes of initializers no rule reads the values of (the
+caller decides which), so the scan's memory does not grow with the weights.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable
 
 # field numbers in onnx.proto
@@ -68,45 +73,105 @@ def _fields(buf: memoryview, start: int, end: int, budget: list[int]):
         pos = nxt
 
 
-def initializer_raw_lengths(data: Any, model) -> list[int | None] | None:
-    """For each main-graph initializer of `model` (parsed from `data`), the length of its raw_data
-    (None when it has no raw_data field); None when the wire walk does not agree with `model`."""
-    try:
-        buf = memoryview(data).cast("B")
-        budget = [_MAX_FIELDS]
-        graphs = [(s, e) for n, w, s, e, _ in _fields(buf, 0, len(buf), budget) if n == _MODEL_GRAPH and w == 2]
-        if len(graphs) != 1:
-            return None
-        names: list[bytes] = []
-        lengths: list[int | None] = []
-        for n, w, s, e, _ in _fields(buf, *graphs[0], budget):
-            if n != _GRAPH_INITIALIZER or w != 2:
-                continue
-            name, raw = b"", None
-            for tn, tw, ts, te, _ in _fields(buf, s, e, budget):
-                if tw != 2:
-                    continue
-                if tn == _TENSOR_NAME:
-                    name = bytes(buf[ts:te])
-                elif tn == _TENSOR_RAW_DATA:
-                    raw = te - ts           # a repeated singular field: the last one wins
-            names.append(name)
-            lengths.append(raw)
-    except _Malformed:
-        return None
-    inits = model.graph.initializer
-    if len(inits) != len(lengths):
-        return None
-    for t, name, raw in zip(inits, names, lengths):
-        if t.name.encode("utf-8") != name or t.HasField("raw_data") != (raw is not None):
-            return None
-    return lengths
+@dataclass
+class Initializers:
+    """What the wire walk found about the main graph's initializers, in order."""
+    names: list[bytes]
+    lengths: list[int | None]        # raw_data length (None: no raw_data field)
+    light: bytes | None = None       # the model without droppable payloads (None: nothing dropped)
 
+    def agree_with(self, model) -> bool:
+        """Same initializer count, same names in order, raw_data present in the same tensors."""
+        inits = model.graph.initializer
+        return len(inits) == len(self.lengths) and all(
+            t.name.encode("utf-8") == name and t.HasField("raw_data") == (raw is not None)
+            for t, name, raw in zip(inits, self.names, self.lengths))
 
-# -- a copy without the big payloads, for the rules ---------------------------------------------------
 
 _TENSOR_DIMS = 1
 _TENSOR_DATA_TYPE = 2
+
+
+def _tensor(buf: memoryview, s: int, e: int, budget: list[int]):
+    """(fields, name, raw_data length, dims, data_type) of the TensorProto in buf[s:e]."""
+    name, raw, dims, dtype = b"", None, [], 0
+    fields = list(_fields(buf, s, e, budget))
+    for n, w, fs, fe, _ in fields:
+        if n == _TENSOR_NAME and w == 2:
+            name = bytes(buf[fs:fe])
+        elif n == _TENSOR_RAW_DATA and w == 2:
+            raw = fe - fs                   # a repeated singular field: the last one wins
+        elif n == _TENSOR_DATA_TYPE and w == 0:
+            dtype = _varint(buf, fs, fe)[0]
+        elif n == _TENSOR_DIMS and w == 0:
+            dims.append(_varint(buf, fs, fe)[0])
+        elif n == _TENSOR_DIMS and w == 2:                # packed
+            pos = fs
+            while pos < fe:
+                d, pos = _varint(buf, pos, fe)
+                dims.append(d)
+    return fields, name, raw, dims, dtype
+
+
+def read_initializers(data: Any, droppable: Callable[[list[int], int, int], bool] | None = None
+                      ) -> Initializers | None:
+    """Walk the serialized model once: every main-graph initializer's name and raw_data length, and,
+    when droppable(dims, data_type, length) holds for any of them, a copy of the model with those
+    raw_data bytes left out (an empty raw_data field stays in place; everything else byte for byte).
+    None when the walk cannot vouch for the result (malformed, the graph field given twice, too many
+    fields): callers then use the parsed original."""
+    try:
+        buf = memoryview(data).cast("B")
+        budget = [_MAX_FIELDS]
+        top = list(_fields(buf, 0, len(buf), budget))
+        graphs = [f for f in top if f[0] == _MODEL_GRAPH and f[1] == 2]
+        if len(graphs) != 1:
+            return None
+        _, _, gs, ge, _ = graphs[0]
+        graph_fields = list(_fields(buf, gs, ge, budget))
+        tensors = {}                        # index in graph_fields -> (fields, dropped?)
+        found = Initializers([], [])
+        for k, (n, w, s, e, _) in enumerate(graph_fields):
+            if n == _GRAPH_INITIALIZER and w == 2:
+                fields, name, raw, dims, dtype = _tensor(buf, s, e, budget)
+                found.names.append(name)
+                found.lengths.append(raw)
+                if droppable is not None and raw is not None and droppable(dims, dtype, raw):
+                    tensors[k] = fields
+    except _Malformed:
+        return None
+    if tensors:                             # only now is a copy worth making
+        found.light = _copy_without(buf, top, graph_fields, tensors)
+    return found
+
+
+def _copy_without(buf: memoryview, top, graph_fields, tensors: dict) -> bytes:
+    graph = bytearray()
+    for k, (n, w, s, e, start) in enumerate(graph_fields):
+        if k not in tensors:
+            graph += buf[start:e]
+            continue
+        tensor = bytearray()
+        for tn, tw, _ts, te, tstart in tensors[k]:
+            if (tn, tw) == (_TENSOR_RAW_DATA, 2):
+                tensor += _key(_TENSOR_RAW_DATA, 2) + b"\x00"      # present, empty
+            else:
+                tensor += buf[tstart:te]
+        graph += _key(_GRAPH_INITIALIZER, 2) + _varint_bytes(len(tensor)) + tensor
+    out = bytearray()
+    for n, w, s, e, start in top:
+        if n == _MODEL_GRAPH and w == 2:
+            out += _key(_MODEL_GRAPH, 2) + _varint_bytes(len(graph)) + graph
+        else:
+            out += buf[start:e]
+    return bytes(out)
+
+
+def initializer_raw_lengths(data: Any, model) -> list[int | None] | None:
+    """For each main-graph initializer of `model` (parsed from `data`), the length of its raw_data
+    (None when it has no raw_data field); None when the wire walk does not agree with `model`."""
+    found = read_initializers(data)
+    return found.lengths if found is not None and found.agree_with(model) else None
 
 
 def _varint_bytes(n: int) -> bytes:
@@ -120,72 +185,3 @@ def _varint_bytes(n: int) -> bytes:
 
 def _key(number: int, wire: int) -> bytes:
     return _varint_bytes(number << 3 | wire)
-
-
-def _tensor_without_payload(buf: memoryview, s: int, e: int, budget: list[int],
-                            droppable: Callable[[list[int], int, int], bool]) -> tuple[bytes, bytes, int | None, bool]:
-    """(the tensor message, possibly without its raw_data bytes; its name; its raw_data length; whether
-    the payload was dropped). raw_data is dropped only when droppable(dims, data_type, length) says so;
-    an empty raw_data field is left in its place, so the field is still present."""
-    name, raw, dims, dtype = b"", None, [], 0
-    fields = list(_fields(buf, s, e, budget))
-    for n, w, fs, fe, _ in fields:
-        if n == _TENSOR_NAME and w == 2:
-            name = bytes(buf[fs:fe])
-        elif n == _TENSOR_RAW_DATA and w == 2:
-            raw = fe - fs
-        elif n == _TENSOR_DATA_TYPE and w == 0:
-            dtype = _varint(buf, fs, fe)[0]
-        elif n == _TENSOR_DIMS and w == 0:
-            dims.append(_varint(buf, fs, fe)[0])
-        elif n == _TENSOR_DIMS and w == 2:                # packed
-            pos = fs
-            while pos < fe:
-                d, pos = _varint(buf, pos, fe)
-                dims.append(d)
-    if raw is None or not droppable(dims, dtype, raw):
-        return bytes(buf[s:e]), name, raw, False
-    out = bytearray()
-    for n, w, fs, fe, start in fields:
-        if n == _TENSOR_RAW_DATA and w == 2:
-            out += _key(_TENSOR_RAW_DATA, 2) + b"\x00"
-        else:
-            out += buf[start:fe]
-    return bytes(out), name, raw, True
-
-
-def without_large_payloads(data: Any, droppable: Callable[[list[int], int, int], bool]
-                           ) -> tuple[bytes, list[int | None]] | None:
-    """The serialized model with the raw_data bytes of main-graph initializers removed where
-    droppable(dims, data_type, length) is true, and every initializer's original raw_data length;
-    everything else byte for byte. None when the wire walk cannot vouch for the result (then parse
-    the original). The rules analyse this copy: they never read the values of such tensors, and the
-    copy is small, so the gate's memory does not grow with inline weights."""
-    try:
-        buf = memoryview(data).cast("B")
-        budget = [_MAX_FIELDS]
-        top = list(_fields(buf, 0, len(buf), budget))
-        if sum(1 for n, w, *_ in top if n == _MODEL_GRAPH and w == 2) != 1:
-            return None
-        out = bytearray()
-        lengths: list[int | None] = []
-        dropped = False
-        for n, w, s, e, start in top:
-            if not (n == _MODEL_GRAPH and w == 2):
-                out += buf[start:e]
-                continue
-            graph = bytearray()
-            for gn, gw, gs, ge, gstart in _fields(buf, s, e, budget):
-                if gn == _GRAPH_INITIALIZER and gw == 2:
-                    tensor, _name, raw, cut = _tensor_without_payload(buf, gs, ge, budget, droppable)
-                    lengths.append(raw)
-                    dropped |= cut
-                    graph += _key(_GRAPH_INITIALIZER, 2) + _varint_bytes(len(tensor)) + tensor
-                else:
-                    graph += buf[gstart:ge]
-            out += _key(_MODEL_GRAPH, 2) + _varint_bytes(len(graph)) + graph
-    except _Malformed:
-        return None
-    if not dropped:
-        return None                     # nothing to gain: parse the original
-    return bytes(out), lengths

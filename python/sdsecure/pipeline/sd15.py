@@ -216,15 +216,14 @@ class StableDiffusion15:
         self.input_shapes = {"text_encoder": te_shapes, "unet": unet_shapes, "vae_decoder": vae_shapes}
 
         protos = {"text_encoder": te_proto, "unet": unet_proto, "vae_decoder": vae_proto}
+        weights = {c: model.onnx_weights(COMPONENT_FILES[c]) for c in protos}
         prepared: dict[str, Any] = {}
         if backend == "max":                # every component checked before any (minutes-long) compile
-            prepared = {c: prepare(protos[c], model.onnx_weights(COMPONENT_FILES[c]), self.input_shapes[c], name=c)
-                        for c in protos}
+            prepared = {c: prepare(protos[c], weights[c], self.input_shapes[c], name=c) for c in protos}
 
         def session(component: str):
-            weights = model.onnx_weights(COMPONENT_FILES[component])
-            return create_session(protos[component], weights, self.input_shapes[component], backend=backend,
-                                  name=component, prepared=prepared.get(component))
+            return create_session(protos[component], weights[component], self.input_shapes[component],
+                                  backend=backend, name=component, prepared=prepared.get(component))
 
         self.text_encoder = session("text_encoder")
         self.unet = session("unet")

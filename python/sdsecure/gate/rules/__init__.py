@@ -39,27 +39,29 @@ class ScanContext:
         (the parse rule reports that).
 
         When the file holds large initializers inline, this is parsed from a light copy without their
-        raw_data bytes (gate.onnx_graph.light_copy: no rule reads the values of such tensors; their
+        raw_data bytes (gate.onnx_graph.wire_initializers: no rule reads the values of such tensors; their
         lengths are kept in the cache), so that the scan's memory does not grow with the weights."""
         key = ("onnx", path)
         if key not in self.cache:
             import onnx
 
-            from sdsecure.gate.onnx_graph import light_copy
+            from sdsecure.gate.onnx_graph import wire_initializers
 
             try:
                 blob = self.files[path]
-                light = light_copy(blob.view())
-                # parse straight from the verified bytes (no copy of a large blob), then let the
-                # pages go from the resident set (they stay in the sealed memfd)
-                data = light[0] if light is not None else blob.view()
+                wire = wire_initializers(blob.view())
+                # parse the light copy, or straight from the verified bytes (no copy of a large
+                # blob), then let the pages go from the resident set (they stay in the sealed memfd)
+                data = wire.light if wire is not None and wire.light is not None else blob.view()
                 model = onnx.ModelProto()
                 used = model.ParseFromString(data)
                 if used is not None and used != len(data):
                     raise ValueError(f"protobuf decoding consumed {used} of {len(data)} bytes")
                 blob.release()
-                if light is not None:
-                    self.cache[("onnx-raw-lengths", path)] = light[1]
+                agrees = wire is not None and wire.agree_with(model)
+                if wire is not None and wire.light is not None and not agrees:
+                    raise ValueError("the light copy does not match the model's initializers")  # fail closed
+                self.cache[("onnx-raw-lengths", path)] = wire.lengths if agrees else None
                 self.cache[key] = model
             except Exception as exc:  # noqa: BLE001 - any parse failure is a finding, not a crash
                 self.cache[key] = None
