@@ -96,9 +96,10 @@ def child(args: argparse.Namespace) -> None:
     result: dict = {"load_s": t_loaded - t_start, "session_s": t_ready - t_loaded, "start_s": t_ready - t_start}
     stats = getattr(sess, "stats", None)
     if stats is not None:
-        result.update(build_s=stats.build_s, compile_s=stats.compile_s, init_s=stats.init_s)
+        result.update(build_s=stats.build_s, compile_s=stats.compile_s, init_s=stats.init_s,
+                      pieces=getattr(sess, "pieces", 1), cache=stats.cache)
     if args.compile_only:
-        result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        result["peak_rss_gb"] = peak_rss_gb()
         print(json.dumps(result))
         return
     out = sess.run(feeds)                    # warm-up
@@ -111,9 +112,14 @@ def child(args: argparse.Namespace) -> None:
     result["runs"] = times
     if args.component == "unet" and args.backend == "max":
         result["flops"] = flops(specialize(model, weights, shapes))
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["peak_rss_gb"] = peak_rss_gb()
     np.savez(args.out, **out)
     print(json.dumps(result))
+
+
+def peak_rss_gb() -> float:
+    """Peak RSS of this process or of any compile worker it ran (whichever is larger), in GiB."""
+    return max(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)) / 2**20
 
 
 def sgemm_gflops(threads: int, n: int = 2048, reps: int = 10) -> float:
@@ -168,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     gemm = sgemm_gflops(args.threads)
     print(f"machine: {os.cpu_count()} CPUs, {args.threads} threads; numpy sgemm 2048^3: {gemm:.0f} GFLOP/s")
     tmp = Path(tempfile.mkdtemp(prefix="bench_engine_"))
-    cold_env = dict(env, MODULAR_DERIVED_PATH=str(tmp / "modular"))
+    cold_env = dict(env, MODULAR_DERIVED_PATH=str(tmp / "modular"), SDSECURE_CACHE_DIR=str(tmp / "sdsecure"))
     rows = []
     try:
         for comp in args.components.split(","):
@@ -177,14 +183,15 @@ def main(argv: list[str] | None = None) -> int:
             cold = None
             if not args.no_cold:
                 cold = run_child(common + ["--backend", "max", "--compile-only"], cold_env)
-                print(f"{comp}: cold compile {cold['compile_s']:.0f} s (process {cold['process_s']:.0f} s, "
-                      f"peak RSS {cold['peak_rss_gb']:.1f} GB)", flush=True)
+                print(f"{comp}: cold compile {cold['compile_s']:.0f} s in {cold.get('pieces', 1)} piece(s) "
+                      f"(process {cold['process_s']:.0f} s, peak RSS {cold['peak_rss_gb']:.1f} GiB incl. compile workers)",
+                      flush=True)
             mx = run_child(common + ["--backend", "max", "--out", str(tmp / f"{comp}_max.npz")],
                            cold_env if cold else env)
             ort = run_child(common + ["--backend", "onnxruntime", "--out", str(tmp / f"{comp}_ort.npz")], env)
             print(f"{comp}: MAX start {mx['start_s']:.1f} s = load (gate: read + hash) {mx['load_s']:.1f} s + session "
                   f"{mx['session_s']:.1f} s (fold/build {mx['build_s']:.1f}, cached compile {mx['compile_s']:.1f}, "
-                  f"init {mx['init_s']:.1f}); onnxruntime start {ort['start_s']:.1f} s "
+                  f"init {mx['init_s']:.1f}; {mx.get('pieces', 1)} piece(s), {mx.get('cache')}); onnxruntime start {ort['start_s']:.1f} s "
                   f"(load {ort['load_s']:.1f}, session {ort['session_s']:.1f})", flush=True)
             a, b = np.load(tmp / f"{comp}_max.npz"), np.load(tmp / f"{comp}_ort.npz")
             rel = max(float(np.abs(a[k].astype(np.float64) - b[k]).max() / max(np.abs(b[k]).max(), 1e-30))
@@ -193,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                        cached_start_s=mx["start_s"], cached_session_s=mx["session_s"],
                        cached_compile_s=mx["compile_s"], max_s=mx["run_s"],
                        ort_s=ort["run_s"], ratio=mx["run_s"] / ort["run_s"], rel_err=rel,
-                       max_rss_gb=mx["peak_rss_gb"], ort_rss_gb=ort["peak_rss_gb"], ort_start_s=ort["start_s"])
+                       max_rss_gb=max(mx["peak_rss_gb"], cold["peak_rss_gb"] if cold else 0), ort_rss_gb=ort["peak_rss_gb"], ort_start_s=ort["start_s"])
             if "flops" in mx:
                 row["gflops"] = mx["flops"] / mx["run_s"] / 1e9
                 row["gflop"] = mx["flops"] / 1e9
@@ -207,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     gemm_after = sgemm_gflops(args.threads)
     print(f"numpy sgemm again at the end: {gemm_after:.0f} GFLOP/s")
     print(f"| component | MAX s | ORT s | MAX/ORT | rel err | cold compile s | cached start s (engine) | "
-          f"peak RSS MAX / ORT GB | GFLOP/s MAX / ORT (sgemm {max(gemm, gemm_after):.0f}) |")
+          f"peak RSS MAX / ORT GiB | GFLOP/s MAX / ORT (sgemm {max(gemm, gemm_after):.0f}) |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         gf = f"{r['gflops']:.0f} / {r['ort_gflops']:.0f} ({r['gflop']:.0f} GFLOP)" if "gflops" in r else "-"

@@ -18,6 +18,7 @@ from max.driver import Buffer
 from max.dtype import DType
 from max.graph import DeviceRef, Graph, TensorType, TensorValue, Weight, ops
 
+from sdsecure.engine import layout
 from sdsecure.engine.fold import FoldedGraph, TensorInfo
 from sdsecure.engine.ops import Node, resolve, attributes
 from sdsecure.errors import UnsupportedOpError
@@ -130,7 +131,8 @@ class Emitter:
         self.folded = folded
         self.device = device
         self.prefix = prefix
-        self.values: dict[str, TensorValue] = {}
+        self.values: dict[str, TensorValue] = {}    # ONNX (logical) layout
+        self.nhwc: dict[str, TensorValue] = {}      # channels-last form of 4-D NCHW values (engine.layout)
         self.weights: dict[str, np.ndarray] = {}
         self._const_values: dict[str, TensorValue] = {}
         self._name_of = {id(v): k for k, v in folded.consts.items()}
@@ -187,6 +189,35 @@ class Emitter:
             self._filled[key] = self.tensor(np.full((length,), value, dtype=dtype.to_numpy()))
         return self._filled[key]
 
+    # -- the two layouts of a value (engine.layout) ---------------------------------------------
+    def logical(self, name: str) -> TensorValue:
+        value = self.values.get(name)
+        if value is None:
+            value = self.values[name] = layout.permute(self.nhwc[name], layout.TO_NCHW)
+        return value
+
+    def channels_last(self, name: str, rank: int = 4) -> TensorValue:
+        """The NHWC form of value `name`; a lower-rank value is first given leading 1s (broadcasting)."""
+        value = self.nhwc.get(name)
+        if value is None:
+            logical = self.values[name]
+            if rank < 4:
+                logical = ops.reshape(logical, [1] * (4 - rank) + [int(d) for d in logical.shape])
+            value = layout.permute(logical, layout.TO_NHWC)
+            if rank == 4:
+                self.nhwc[name] = value
+        return value
+
+    def store_channels_last(self, view: Node, name: str, value: TensorValue) -> None:
+        info = self.folded.infos.get(name)
+        if info is not None:
+            self._check(view, name, value, layout.nhwc_shape(info.shape), info.dtype)
+        self.nhwc[name] = value
+
+    def store_logical(self, view: Node, name: str, value: TensorValue) -> None:
+        self._verify(view, name, value)
+        self.values[name] = value
+
     # -- nodes --------------------------------------------------------------------------------
     def emit(self, inputs: Sequence[TensorValue]) -> list[TensorValue]:
         folded = self.folded
@@ -197,8 +228,8 @@ class Emitter:
         outs = []
         for name in folded.outputs:
             src = folded.resolve(name)
-            if src in self.values:
-                outs.append(self.values[src])
+            if src in self.values or src in self.nhwc:
+                outs.append(self.logical(src))
             else:
                 outs.append(self.tensor(folded.consts[src]))
         return outs
@@ -210,6 +241,14 @@ class Emitter:
             raise UnsupportedOpError(f"model {folded.name!r}: {node.op_type} node {node.name!r}: {reason}")
         kwargs, _ = attributes(node, schema, opdef)
         view = _node_view(folded, node, self)
+        try:
+            if layout.emit_channels_last(self, node, view, kwargs, opdef):
+                return
+        except (UnsupportedOpError, ImporterBug):
+            raise
+        except Exception as e:
+            raise ImporterBug(f"model {folded.name!r}: converting {view.label} channels-last failed: "
+                              f"{type(e).__name__}: {e}") from e
         args = []
         for name in node.input:
             if not name:
@@ -217,7 +256,7 @@ class Emitter:
             elif name in folded.consts:
                 args.append(folded.consts[name])
             else:
-                args.append(self.values[name])
+                args.append(self.logical(name))
         try:
             result = opdef.fn(view, *args, **kwargs)
         except UnsupportedOpError:
@@ -235,12 +274,14 @@ class Emitter:
 
     def _verify(self, view: Node, name: str, value: TensorValue) -> None:
         info = self.folded.infos.get(name)
-        if info is None:
-            return
-        shape = tuple(int(d) for d in value.shape)
-        if shape != info.shape or value.dtype != max_dtype(info.dtype):
-            raise ImporterBug(f"model {self.folded.name!r}: {view.label} output {name!r} is {value.dtype}{list(shape)}, "
-                              f"ONNX says {info.dtype}{list(info.shape)}")
+        if info is not None:
+            self._check(view, name, value, info.shape, info.dtype)
+
+    def _check(self, view: Node, name: str, value: TensorValue, shape: tuple, dtype) -> None:
+        got = tuple(int(d) for d in value.shape)
+        if got != tuple(shape) or value.dtype != max_dtype(dtype):
+            raise ImporterBug(f"model {self.folded.name!r}: {view.label} output {name!r} is {value.dtype}{list(got)}, "
+                              f"expected {dtype}{list(shape)}")
 
 
 def input_types(folded: FoldedGraph, device: DeviceRef) -> list[TensorType]:

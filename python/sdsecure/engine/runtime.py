@@ -5,12 +5,18 @@ graph text embeds every op, attribute, literal constant and shape, while weight 
 load time, so two models that differ only in weights share one compile. Across processes MAX's own
 cache (~/.cache/modular) recognises the same graph: building is deterministic (same ONNX, same shapes ->
 byte-identical graph text), so a second process pays seconds, not minutes.
+
+Large models (ISOLATE_MIN_WEIGHT_BYTES of weights and more: the SD 1.5 UNet) are compiled in child
+processes instead, in pieces (engine.partition), each kept as a MEF file (engine.mef_cache): the
+compiler's memory never adds to the weights', and no single compile sees the whole graph.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
+import os
 import threading
 import time
 from typing import Mapping, Sequence
@@ -20,16 +26,37 @@ import onnx
 
 from sdsecure.engine.fold import FoldedGraph, specialize
 from sdsecure.engine.fuse import fuse
+from sdsecure.engine import mef_cache
 from sdsecure.engine.importer import build_graph, check_supported, output_infos
+from sdsecure.engine.partition import split
 from sdsecure.errors import UserError
 
 log = logging.getLogger(__name__)
 
 GRAPH_NAME = "sdsecure_onnx"
 _LOCK = threading.Lock()
-_COMPILED: dict[tuple[str, tuple, str], object] = {}
+_COMPILED: dict[tuple[str, str], object] = {}       # (graph sha256, device) -> compiled model
 _SESSIONS: dict[str, object] = {}
 _SESSIONS_LOCK = threading.Lock()
+
+# Models with this many bytes of weights are compiled in child processes, in pieces of at most
+# PIECE_NODES nodes: the full SD 1.5 UNet compiled whole peaks above 8 GiB and MAX keeps most of it
+# until the process ends (see mef_cache). Small models compile whole, in process.
+ISOLATE_MIN_WEIGHT_BYTES = 256 << 20
+PIECE_NODES = 700          # the UNet (1,805 nodes once folded) in 3 pieces; SDSECURE_PIECE_NODES overrides
+
+
+def piece_nodes() -> int:
+    raw = os.environ.get("SDSECURE_PIECE_NODES")
+    if raw is None:
+        return PIECE_NODES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise UserError(f"SDSECURE_PIECE_NODES={raw!r}: expected a positive number of nodes per compiled piece")
+    return value
 
 
 def _inference_session(device: str):
@@ -55,7 +82,13 @@ class CompileStats:
         self.build_s = 0.0
         self.compile_s = 0.0
         self.init_s = 0.0
-        self.cache = ""          # "memory" (this process) or "compiled" (MAX: cold or its disk cache)
+        self.cache = ""          # "memory" (this process), "mef" (sdsecure's disk cache) or "compiled"
+        self.child_peak_rss_mib = 0
+
+    def note(self, how: str) -> None:
+        """Record how one compiled unit was obtained (a split session lists each kind once)."""
+        if how not in self.cache.split("+"):
+            self.cache = f"{self.cache}+{how}" if self.cache else how
 
 
 def prepare_graph(model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
@@ -66,21 +99,29 @@ def prepare_graph(model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
     return folded
 
 
+class _Piece:
+    """One compiled unit of a session: its MAX model and the values it reads and hands on."""
+
+    def __init__(self, model, inputs: list[str], outputs: list[str], weights: dict[str, np.ndarray]):
+        self.model, self.inputs, self.outputs = model, inputs, outputs
+        self.weights = weights          # the arrays MAX reads: kept alive as long as the model
+
+
 class MaxSession:
     def __init__(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
                  input_shapes: Mapping[str, Sequence[int]], *, name: str = "", device: str = "cpu",
-                 prepared: FoldedGraph | None = None):
+                 prepared: FoldedGraph | None = None, isolate: bool | None = None):
         # MAX's MLIR context is thread-local and entered only on the thread that imported max.graph;
         # streamlit runs each script run on another thread, where building a graph then fails with
         # "No active MLIR context". MAX's own helper enters its default context when none is active.
         from max._mlir_context import ensure_default_mlir_context
 
         with ensure_default_mlir_context():
-            self._load(model, weights, input_shapes, name, device, prepared)
+            self._load(model, weights, input_shapes, name, device, prepared, isolate)
 
     def _load(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
               input_shapes: Mapping[str, Sequence[int]], name: str, device: str,
-              prepared: FoldedGraph | None) -> None:
+              prepared: FoldedGraph | None, isolate: bool | None) -> None:
         from max.graph import DeviceRef
 
         self.name = name or model.graph.name or "model"
@@ -92,32 +133,73 @@ class MaxSession:
         self.output_names = list(folded.outputs)
         self._input_infos = [folded.infos[n] for n in folded.inputs]
         self._output_infos = output_infos(folded)
+        if isolate is None:
+            isolate = weight_bytes(folded) >= ISOLATE_MIN_WEIGHT_BYTES
+        self.isolated = isolate
+        pieces = split(folded, math.ceil(len(folded.nodes) / piece_nodes())) if isolate else [folded]
         dev = DeviceRef.CPU()
-        # The graph name is part of the graph text (and so of MAX's cache key): keep it independent of
-        # the caller's label so that the same model at the same shapes always hits the same entry.
-        graph, self._weights = build_graph(folded, dev, graph_name=GRAPH_NAME)
         shapes = tuple((n, tuple(folded.infos[n].shape)) for n in folded.inputs)
-        self.cache_key = (graph_sha256(graph), shapes, device)
+        built = []
+        for piece in pieces:
+            # The graph name is part of the graph text (and so of MAX's cache key): keep it independent
+            # of the caller's label so that the same model at the same shapes always hits the same entry.
+            graph, piece_weights = build_graph(piece, dev, graph_name=GRAPH_NAME)
+            built.append((piece, graph, piece_weights))
+        self.cache_key = (graph_sha256(built[0][1]) if len(built) == 1 else
+                          hashlib.sha256("".join(graph_sha256(g) for _, g, _ in built).encode()).hexdigest(),
+                          shapes, device)
         self.stats.build_s = time.perf_counter() - t0
 
         session = _inference_session(device)
-        with _LOCK:
-            compiled = _COMPILED.get(self.cache_key)
+        self._pieces: list[_Piece] = []
+        for k, (piece, graph, piece_weights) in enumerate(built):
+            label = self.name if len(built) == 1 else f"{self.name} piece {k + 1}/{len(built)}"
             t1 = time.perf_counter()
-            if compiled is None:
-                log.info("compiling %s with MAX (a cold compile can take minutes; cached ones take seconds)",
-                         self.name)
-                compiled = session.compile(graph)
-                _COMPILED[self.cache_key] = compiled
-                self.stats.cache = "compiled"
-            else:
-                self.stats.cache = "memory"
-            self.stats.compile_s = time.perf_counter() - t1
-        t2 = time.perf_counter()
-        self._model = session.init(compiled, weights_registry=self._weights)
-        self.stats.init_s = time.perf_counter() - t2
+            compiled = self._compile(session, graph, device, label, isolate)
+            self.stats.compile_s += time.perf_counter() - t1
+            t2 = time.perf_counter()
+            model_k = session.init(compiled, weights_registry=piece_weights)
+            self.stats.init_s += time.perf_counter() - t2
+            self._pieces.append(_Piece(model_k, list(piece.inputs), list(piece.outputs), piece_weights))
+        self._last_reader = _last_readers(self._pieces, set(self.output_names) |
+                                          {folded.resolve(o) for o in self.output_names})
         log.info("%s ready: build %.1f s, compile %.1f s (%s), init %.1f s", self.name, self.stats.build_s,
                  self.stats.compile_s, self.stats.cache, self.stats.init_s)
+
+    def _compile(self, session, graph, device: str, label: str, isolate: bool):
+        """The compiled form of one graph: from this process's memory, else (isolated) from the MEF
+        cache or a child-process compile, else from MAX in this process (MAX's own disk cache)."""
+        key = (graph_sha256(graph), device)
+        with _LOCK:
+            compiled = _COMPILED.get(key)
+            if compiled is not None:
+                self.stats.note("memory")
+                return compiled
+            if isolate:
+                text = str(graph)
+                mef_key = mef_cache.mef_key(text, device)
+                path = mef_cache.cached_mef(mef_key)
+                compiled = _load_mef(session, path) if path is not None else None
+                if compiled is not None:
+                    self.stats.note("mef")
+                else:
+                    log.info("compiling %s with MAX in a child process (cold: minutes)", label)
+                    path, child = mef_cache.compile_in_child(text, mef_key, label=label)
+                    self.stats.child_peak_rss_mib = max(self.stats.child_peak_rss_mib, child.get("peak_rss_mib", 0))
+                    compiled = _load_mef(session, path)
+                    if compiled is None:
+                        raise mef_cache.CompileError(f"{label}: MAX cannot load the MEF it just wrote ({path})")
+                    self.stats.note("compiled")
+            else:
+                log.info("compiling %s with MAX (a cold compile can take minutes; cached ones take seconds)", label)
+                compiled = session.compile(graph)
+                self.stats.note("compiled")
+            _COMPILED[key] = compiled
+            return compiled
+
+    @property
+    def pieces(self) -> int:
+        return len(self._pieces)
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         from max.driver import Buffer
@@ -125,8 +207,49 @@ class MaxSession:
         arrays = prepare_feeds(self.name, feeds, self.input_names,
                                {n: i.shape for n, i in zip(self.input_names, self._input_infos)},
                                {n: i.dtype for n, i in zip(self.input_names, self._input_infos)})
-        outs = self._model.execute(*[Buffer.from_numpy(a) for a in arrays])
-        return {name: out.to_numpy() for name, out in zip(self.output_names, outs)}
+        values = {n: Buffer.from_numpy(a) for n, a in zip(self.input_names, arrays)}
+        for k, piece in enumerate(self._pieces):
+            outs = piece.model.execute(*[values[n] for n in piece.inputs])
+            values.update(zip(piece.outputs, outs))
+            for n in self._last_reader.get(k, ()):   # intermediate values nobody reads any more
+                values.pop(n, None)
+        result = {}
+        for name in self.output_names:
+            src = name if name in values else self._folded.resolve(name)
+            result[name] = values[src].to_numpy() if src in values else np.array(self._folded.consts[src])
+        return result
+
+
+def _last_readers(pieces: list[_Piece], keep: set[str]) -> dict[int, list[str]]:
+    """For piece k, the values it is the last to read (freed after it runs), except those in `keep`."""
+    last: dict[str, int] = {}
+    for k, piece in enumerate(pieces):
+        for n in piece.inputs:
+            last[n] = k
+    out: dict[int, list[str]] = {}
+    for n, k in last.items():
+        if n not in keep:
+            out.setdefault(k, []).append(n)
+    return out
+
+
+def _load_mef(session, path):
+    """MAX's handle on a cached MEF; None (and the file removed) when MAX cannot read it."""
+    if path is None:
+        return None
+    try:
+        return session.compile(str(path))
+    except Exception as e:  # a truncated or stale artifact: compile again rather than fail
+        log.warning("cached MEF %s unusable (%s); compiling again", path, e)
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return None
+
+
+def weight_bytes(folded: FoldedGraph) -> int:
+    return sum(int(folded.consts[n].nbytes) for n in folded.initializers if n in folded.consts)
 
 
 def prepare_feeds(model_name: str, feeds: Mapping[str, np.ndarray], names: Sequence[str],
