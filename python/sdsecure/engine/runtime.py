@@ -1,6 +1,6 @@
 """The MAX backend: specialise -> check -> build -> compile (cached) -> run.
 
-Compiled models are cached in this process by (sha256 of the built graph, input shapes, device); the
+Compiled models are cached in this process by (sha256 of the built graph text, device); the
 graph text embeds every op, attribute, literal constant and shape, while weight *values* are bound at
 load time, so two models that differ only in weights share one compile. Across processes MAX's own
 cache (~/.cache/modular) recognises the same graph: building is deterministic (same ONNX, same shapes ->
@@ -138,24 +138,20 @@ class MaxSession:
         self.isolated = isolate
         pieces = split(folded, math.ceil(len(folded.nodes) / piece_nodes())) if isolate else [folded]
         dev = DeviceRef.CPU()
-        shapes = tuple((n, tuple(folded.infos[n].shape)) for n in folded.inputs)
         built = []
         for piece in pieces:
             # The graph name is part of the graph text (and so of MAX's cache key): keep it independent
             # of the caller's label so that the same model at the same shapes always hits the same entry.
             graph, piece_weights = build_graph(piece, dev, graph_name=GRAPH_NAME)
-            built.append((piece, graph, piece_weights))
-        self.cache_key = (graph_sha256(built[0][1]) if len(built) == 1 else
-                          hashlib.sha256("".join(graph_sha256(g) for _, g, _ in built).encode()).hexdigest(),
-                          shapes, device)
+            built.append((piece, graph, str(graph), piece_weights))
         self.stats.build_s = time.perf_counter() - t0
 
         session = _inference_session(device)
         self._pieces: list[_Piece] = []
-        for k, (piece, graph, piece_weights) in enumerate(built):
+        for k, (piece, graph, text, piece_weights) in enumerate(built):
             label = self.name if len(built) == 1 else f"{self.name} piece {k + 1}/{len(built)}"
             t1 = time.perf_counter()
-            compiled = self._compile(session, graph, device, label, isolate)
+            compiled = self._compile(session, graph, text, device, label, isolate)
             self.stats.compile_s += time.perf_counter() - t1
             t2 = time.perf_counter()
             model_k = session.init(compiled, weights_registry=piece_weights)
@@ -166,17 +162,17 @@ class MaxSession:
         log.info("%s ready: build %.1f s, compile %.1f s (%s), init %.1f s", self.name, self.stats.build_s,
                  self.stats.compile_s, self.stats.cache, self.stats.init_s)
 
-    def _compile(self, session, graph, device: str, label: str, isolate: bool):
-        """The compiled form of one graph: from this process's memory, else (isolated) from the MEF
-        cache or a child-process compile, else from MAX in this process (MAX's own disk cache)."""
-        key = (graph_sha256(graph), device)
+    def _compile(self, session, graph, text: str, device: str, label: str, isolate: bool):
+        """The compiled form of one graph (`text` is str(graph)): from this process's memory, else
+        (isolated) from the MEF cache or a child-process compile, else from MAX in this process (MAX's
+        own disk cache)."""
+        key = (hashlib.sha256(text.encode()).hexdigest(), device)
         with _LOCK:
             compiled = _COMPILED.get(key)
             if compiled is not None:
                 self.stats.note("memory")
                 return compiled
             if isolate:
-                text = str(graph)
                 mef_key = mef_cache.mef_key(text, device)
                 path = mef_cache.cached_mef(mef_key)
                 compiled = _load_mef(session, path) if path is not None else None
