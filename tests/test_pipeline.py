@@ -198,3 +198,22 @@ def test_unsupported_op_in_any_component_is_reported_before_any_compile(monkeypa
     monkeypatch.setattr(runtime, "_inference_session", no_compile)
     with pytest.raises(UnsupportedOpError, match="vae_decoder.*Einsum.*planted_einsum"):
         StableDiffusion15(m, backend="max", height=SIZE, width=SIZE)
+
+
+@pytest.mark.parametrize("threshold, expected", [(1, True), (1 << 40, None)])
+def test_a_large_pipeline_compiles_every_component_in_child_processes(model, monkeypatch, threshold, expected):
+    """Once one component is large, every component compiles outside the process that holds the
+    weights (an in-process VAE compile after the UNet's weights were bound peaked at 13 GB)."""
+    import sdsecure.engine as engine
+    from sdsecure.engine import runtime
+
+    seen = {}
+
+    def record(model_proto, weights, shapes, *, name="", isolate=None, **kwargs):
+        seen[name] = isolate
+        return object()
+
+    monkeypatch.setattr(runtime, "ISOLATE_MIN_WEIGHT_BYTES", threshold)
+    monkeypatch.setattr(engine, "create_session", record)
+    StableDiffusion15(model, backend="max", height=SIZE, width=SIZE)
+    assert seen == {"text_encoder": expected, "unet": expected, "vae_decoder": expected}

@@ -37,13 +37,14 @@ def prepare(model, weights: Mapping[str, np.ndarray], input_shapes: Mapping[str,
 
 
 def create_session(model, weights: Mapping[str, np.ndarray], input_shapes: Mapping[str, Sequence[int]], *,
-                   backend: str = "max", name: str = "", prepared=None) -> Session:
+                   backend: str = "max", name: str = "", prepared=None, isolate: bool | None = None) -> Session:
     """A runnable session for `model` specialised to `input_shapes` (see the module docstring).
-    MAX only: `prepared` is the result of prepare() for the same arguments (not folded again)."""
+    MAX only: `prepared` is the result of prepare() for the same arguments (not folded again);
+    `isolate` compiles in child processes, in pieces (None: when the model's own weights are large)."""
     if backend == "max":
         from sdsecure.engine.runtime import MaxSession
 
-        return MaxSession(model, weights, input_shapes, name=name, prepared=prepared)
+        return MaxSession(model, weights, input_shapes, name=name, prepared=prepared, isolate=isolate)
     if backend in ("onnxruntime", "ort"):
         from sdsecure.engine.ort import OrtSession
 

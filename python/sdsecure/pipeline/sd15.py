@@ -218,12 +218,21 @@ class StableDiffusion15:
         protos = {"text_encoder": te_proto, "unet": unet_proto, "vae_decoder": vae_proto}
         weights = {c: model.onnx_weights(COMPONENT_FILES[c]) for c in protos}
         prepared: dict[str, Any] = {}
+        isolate = None
         if backend == "max":                # every component checked before any (minutes-long) compile
+            from sdsecure.engine.runtime import ISOLATE_MIN_WEIGHT_BYTES
+
             prepared = {c: prepare(protos[c], weights[c], self.input_shapes[c], name=c) for c in protos}
+            # Once this process holds a large model's weights, no compile may run in it: MAX keeps the
+            # compiler's memory (GBs, even for the VAE) until the process ends. So all components
+            # compile in child processes, or none.
+            if sum(a.nbytes for w in weights.values() for a in w.values()) >= ISOLATE_MIN_WEIGHT_BYTES:
+                isolate = True
 
         def session(component: str):
             return create_session(protos[component], weights[component], self.input_shapes[component],
-                                  backend=backend, name=component, prepared=prepared.get(component))
+                                  backend=backend, name=component, prepared=prepared.get(component),
+                                  isolate=isolate)
 
         self.text_encoder = session("text_encoder")
         self.unet = session("unet")
