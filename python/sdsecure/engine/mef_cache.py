@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -62,8 +63,6 @@ def _target() -> str:
             flags = next((line for line in f if line.startswith("flags")), "")
     except OSError:
         pass
-    import platform
-
     return f"max={max_version};machine={platform.machine()};flags={hashlib.sha256(flags.encode()).hexdigest()}"
 
 

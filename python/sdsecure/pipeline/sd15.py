@@ -220,13 +220,13 @@ class StableDiffusion15:
         prepared: dict[str, Any] = {}
         isolate = None
         if backend == "max":                # every component checked before any (minutes-long) compile
-            from sdsecure.engine.runtime import ISOLATE_MIN_WEIGHT_BYTES
+            from sdsecure.engine.runtime import ISOLATE_MIN_WEIGHT_BYTES, weight_bytes
 
             prepared = {c: prepare(protos[c], weights[c], self.input_shapes[c], name=c) for c in protos}
             # Once this process holds a large model's weights, no compile may run in it: MAX keeps the
             # compiler's memory (GBs, even for the VAE) until the process ends. So all components
             # compile in child processes, or none.
-            if sum(a.nbytes for w in weights.values() for a in w.values()) >= ISOLATE_MIN_WEIGHT_BYTES:
+            if sum(weight_bytes(p) for p in prepared.values()) >= ISOLATE_MIN_WEIGHT_BYTES:
                 isolate = True
 
         def session(component: str):
