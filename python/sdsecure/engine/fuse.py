@@ -6,6 +6,12 @@ replaces it by one node of the private domain `sdsecure.fused`, converted by `op
 
 * GroupNorm: Reshape [N,C,...] -> [N,G,L] -> InstanceNormalization(scale 1, bias 0) -> Reshape back
   -> Mul gamma[C,1,..] -> Add beta[C,1,..]  (torch's GroupNorm in both exporters)  =>  GroupNorm(x, gamma, beta)
+* UpsampleConv2x: Resize (nearest, x2 on H and W) -> Conv 3x3 (stride 1, pad 1)  (the upsamplers of the
+  UNet and the VAE decoder)  =>  UpsampleConv2x(x, w00, w01, w10, w11[, bias]). Output pixel (2i+a, 2j+b)
+  of the conv only ever sees rows i-1..i+1 of x, with taps that fall on the same source pixel summed:
+  each of the four phases (a, b) is a 2x2 conv of x with summed taps, 4/9 of the multiply-adds (the
+  VAE's 512-channel upsampler at 128x128: 229 ms instead of 435 ms on MAX). The phase filters are
+  computed here, from the verified weights, in float64.
 """
 
 from __future__ import annotations
@@ -106,6 +112,74 @@ def _group_norm(idx: _Index, inorm: onnx.NodeProto) -> tuple[list[onnx.NodeProto
     return matched, fused, consts
 
 
+def _resize_repeats(idx: _Index, node: onnx.NodeProto) -> dict[int, int] | None:
+    """{axis: k} when Resize `node` is integer nearest upsampling (see ops.nn.nearest_repeats)."""
+    from sdsecure.engine.ops import Node, attributes, resolve
+    from sdsecure.engine.ops.nn import nearest_repeats
+
+    opdef, schema, _ = resolve(node, idx.folded.opsets)
+    if opdef is None:
+        return None
+    kwargs, bad = attributes(node, schema, opdef)
+    if bad:
+        return None
+    infos = idx.folded.infos
+    consts = [idx.const(i) if i else None for i in node.input]
+    view = Node(node, idx.folded.opsets.get("", 0), [infos.get(i) if i else None for i in node.input],
+                [infos.get(o) for o in node.output], consts)
+    try:
+        return nearest_repeats(view, consts, kwargs)
+    except Exception:  # noqa: BLE001 - anything unusual is simply not this pattern
+        return None
+
+
+def phase_filters(w: np.ndarray) -> list[np.ndarray]:
+    """The four 2x2 filters [F, C, 2, 2] (phases 00, 01, 10, 11) that a 3x3 filter `w` applies to the
+    source image of a nearest x2 upsampling: phase 0 reads source rows (i-1, i) with taps (w0, w1+w2),
+    phase 1 reads (i, i+1) with taps (w0+w1, w2); the same for columns."""
+    w = w.astype(np.float64)
+
+    def taps(k: np.ndarray, phase: int, axis: int) -> np.ndarray:
+        k0, k1, k2 = (np.take(k, t, axis=axis) for t in range(3))
+        return np.stack([k0, k1 + k2] if phase == 0 else [k0 + k1, k2], axis=axis)
+
+    return [np.ascontiguousarray(taps(taps(w, a, 2), b, 3).astype(np.float32)) for a in (0, 1) for b in (0, 1)]
+
+
+def _upsample_conv(idx: _Index, resize: onnx.NodeProto) -> tuple[list[onnx.NodeProto], onnx.NodeProto, dict] | None:
+    if resize.op_type != "Resize" or resize.domain not in ("", "ai.onnx"):
+        return None
+    conv = idx.only_consumer(resize.output[0])
+    if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or conv.input[0] != resize.output[0]:
+        return None
+    x = resize.input[0]
+    xs, info = idx.shape(x), idx.folded.infos.get(x)
+    w = idx.const(conv.input[1]) if len(conv.input) > 1 else None
+    if xs is None or len(xs) != 4 or info.dtype != np.float32 or w is None or w.dtype != np.float32:
+        return None
+    if w.shape[1:] != (xs[1], 3, 3):
+        return None
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    if (attrs.pop("group", 1) != 1 or list(attrs.pop("strides", [1, 1])) != [1, 1]
+            or list(attrs.pop("dilations", [1, 1])) != [1, 1] or list(attrs.pop("pads", [0] * 4)) != [1, 1, 1, 1]
+            or list(attrs.pop("kernel_shape", [3, 3])) != [3, 3] or attrs.pop("auto_pad", b"NOTSET") != b"NOTSET"
+            or attrs):
+        return None
+    bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+    if bias is not None and idx.const(bias) is None:
+        return None
+    if _resize_repeats(idx, resize) != {2: 2, 3: 2}:
+        return None
+    name = conv.name or conv.output[0]
+    consts = {f"{name}::phase{a}{b}": f for (a, b), f in zip(((0, 0), (0, 1), (1, 0), (1, 1)), phase_filters(w))}
+    fused = helper.make_node("UpsampleConv2x", [x, *consts] + ([bias] if bias else []), [conv.output[0]],
+                             name=name, domain=FUSED_DOMAIN)
+    return [resize, conv], fused, consts
+
+
+REWRITES = (_group_norm, _upsample_conv)
+
+
 def fuse(folded: FoldedGraph) -> FoldedGraph:
     """Apply every rewrite; returns `folded` changed in place (nodes, consts, infos)."""
     idx = _Index(folded)
@@ -113,7 +187,11 @@ def fuse(folded: FoldedGraph) -> FoldedGraph:
     for node in folded.nodes:
         if id(node) in replaced:
             continue
-        match = _group_norm(idx, node)
+        match = None
+        for rewrite in REWRITES:
+            match = rewrite(idx, node)
+            if match is not None:
+                break
         if match is None:
             continue
         matched, fused_node, consts = match

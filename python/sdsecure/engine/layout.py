@@ -61,6 +61,8 @@ def emit_channels_last(emitter, node, view, kwargs: dict, opdef) -> bool:
     op = node.op_type
     if node.domain == "sdsecure.fused" and op == "GroupNorm":
         return _group_norm(emitter, node, view, kwargs)
+    if node.domain == "sdsecure.fused" and op == "UpsampleConv2x":
+        return _upsample_conv(emitter, node, view)
     if node.domain not in ("", "ai.onnx"):
         return False
     if op == "Conv":
@@ -91,6 +93,17 @@ def _conv(emitter, node, view, kwargs) -> bool:
     b = node.input[2] if len(node.input) > 2 and node.input[2] else None
     bias = emitter.folded.consts.get(b) if b else None
     y = conv2d_nhwc(view, x, w, bias if bias is not None else (emitter.logical(b) if b else None), **kwargs)
+    emitter.store_channels_last(view, node.output[0], y)
+    return True
+
+
+def _upsample_conv(emitter, node, view) -> bool:
+    from sdsecure.engine.ops.nn import upsample_conv2x_nhwc
+
+    consts = emitter.folded.consts
+    x = emitter.channels_last(node.input[0])
+    bias = consts[node.input[5]] if len(node.input) > 5 else None
+    y = upsample_conv2x_nhwc(view, x, [consts[i] for i in node.input[1:5]], bias)
     emitter.store_channels_last(view, node.output[0], y)
     return True
 

@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 from sdsecure.engine.ops import PRIVATE_DOMAIN, Node, register
-from sdsecure.engine.ops.nn import group_norm as _group_norm
+from max.graph import ops
+
+from sdsecure.engine.ops.nn import group_norm as _group_norm, upsample_conv2x_nhwc
 
 
 @register("GroupNorm", domain=PRIVATE_DOMAIN)
 def group_norm(n: Node, x, gamma, beta, *, num_groups: int, epsilon: float):
     """torch.nn.GroupNorm on [N, C, ...] (see ops.nn.group_norm for how)."""
     return _group_norm(n, x, int(num_groups), float(epsilon), gamma, beta)
+
+
+@register("UpsampleConv2x", domain=PRIVATE_DOMAIN)
+def upsample_conv2x(n: Node, x, w00, w01, w10, w11, bias=None):
+    """Conv 3x3 (pad 1) of the nearest x2 upsampling of x [N, C, H, W] (see engine.fuse); channels-last
+    inside, as every conv (engine.layout converts it without these permutes)."""
+    y = upsample_conv2x_nhwc(n, ops.permute(n.t(x), [0, 2, 3, 1]), [w00, w01, w10, w11], bias)
+    return ops.permute(y, [0, 3, 1, 2])

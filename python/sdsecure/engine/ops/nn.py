@@ -103,6 +103,20 @@ def conv2d_nhwc(n: Node, x, w, b=None, *, auto_pad: str, dilations=None, group: 
                       bias=None if b is None else n.t(b), filter_layout=FilterLayout.FCRS)
 
 
+def upsample_conv2x_nhwc(n: Node, x, phases, bias=None):
+    """fuse.UpsampleConv2x on an NHWC input [N, H, W, C]: Conv3x3(nearest x2 upsampling of x) as four 2x2
+    convs of x, one per output phase (a, b), interleaved into [N, 2H, 2W, F]."""
+    batch, h, w, _ = (int(d) for d in x.shape)
+    b = None if bias is None else n.t(bias)
+    rows = []
+    for a in (0, 1):
+        cols = [ops.conv2d(x, n._emitter.tensor(phases[2 * a + c], weight=True), padding=(1 - a, a, 1 - c, c),
+                           bias=b, filter_layout=FilterLayout.FCRS) for c in (0, 1)]
+        f = int(cols[0].shape[3])
+        rows.append(ops.reshape(ops.stack(cols, axis=3), [batch, h, 2 * w, f]))    # columns 2j, 2j+1
+    return ops.reshape(ops.stack(rows, axis=2), [batch, 2 * h, 2 * w, f])           # rows 2i, 2i+1
+
+
 # -- normalisation -------------------------------------------------------------------------------
 def _vector(n: Node, x, length: int, like, fill: float):
     if x is None:
