@@ -10,8 +10,9 @@ batch 2 x 77), every measurement in its own child process so that peak RSS is pe
   * cached start: a new process, same cache: load weights -> fold -> build -> compile (cache hit) -> init
   * run time per call (median of --runs after one warm-up), MAX and onnxruntime, and their ratio
   * peak RSS of each child; max relative error of MAX vs onnxruntime (max |diff| / max |ref|)
-  * UNet: achieved GFLOP/s (2 x MACs of Conv/MatMul/Gemm from the specialised graph's shapes) next to
-    numpy sgemm GFLOP/s on the same threads
+  * UNet: achieved GFLOP/s (2 x MACs of Conv/MatMul/Gemm from the specialised ONNX graph's shapes) next to
+    numpy sgemm GFLOP/s on the same threads. Both backends are credited with the ONNX graph's FLOPs;
+    MAX executes about 5% fewer (its upsampling convs run at the low resolution, engine.fuse)
 Targets: ratio <= 1.0, rel err <= 1e-3, peak RSS < 8 GB, cached start < 10 s.
 Use --no-cold to skip the cold compile (it takes 10+ minutes for the UNet on 2 cores).
 """
