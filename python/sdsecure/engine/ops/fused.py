@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from sdsecure.engine.ops import PRIVATE_DOMAIN, Node, register
 from max.graph import ops
 
+from sdsecure.engine.ops import PRIVATE_DOMAIN, Node, register
 from sdsecure.engine.ops.nn import group_norm as _group_norm, upsample_conv2x_nhwc
 
 
