@@ -114,7 +114,8 @@ def _group_norm(idx: _Index, inorm: onnx.NodeProto) -> tuple[list[onnx.NodeProto
 
 def _resize_repeats(idx: _Index, node: onnx.NodeProto) -> dict[int, int] | None:
     """{axis: k} when Resize `node` is integer nearest upsampling (see ops.nn.nearest_repeats)."""
-    from sdsecure.engine.ops import Node, attributes, resolve
+    from sdsecure.engine.importer import _node_view
+    from sdsecure.engine.ops import attributes, resolve
     from sdsecure.engine.ops.nn import nearest_repeats
 
     opdef, schema, _ = resolve(node, idx.folded.opsets)
@@ -123,12 +124,9 @@ def _resize_repeats(idx: _Index, node: onnx.NodeProto) -> dict[int, int] | None:
     kwargs, bad = attributes(node, schema, opdef)
     if bad:
         return None
-    infos = idx.folded.infos
-    consts = [idx.const(i) if i else None for i in node.input]
-    view = Node(node, idx.folded.opsets.get("", 0), [infos.get(i) if i else None for i in node.input],
-                [infos.get(o) for o in node.output], consts)
+    view = _node_view(idx.folded, node)
     try:
-        return nearest_repeats(view, consts, kwargs)
+        return nearest_repeats(view, view.consts, kwargs)
     except Exception:  # noqa: BLE001 - anything unusual is simply not this pattern
         return None
 
