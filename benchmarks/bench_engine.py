@@ -12,7 +12,8 @@ batch 2 x 77), every measurement in its own child process so that peak RSS is pe
   * peak RSS of each child; max relative error of MAX vs onnxruntime (max |diff| / max |ref|)
   * UNet: achieved GFLOP/s (2 x MACs of Conv/MatMul/Gemm from the specialised ONNX graph's shapes) next to
     numpy sgemm GFLOP/s on the same threads. Both backends are credited with the ONNX graph's FLOPs;
-    MAX executes about 5% fewer (its upsampling convs run at the low resolution, engine.fuse)
+    MAX executes fewer multiply-adds (engine.fuse: upsampling convs at the low resolution, wide 3x3
+    convs as Winograd F(2x2, 3x3); SDSECURE_WINOGRAD=0 turns the latter off for a comparison)
 Targets: ratio <= 1.0, rel err <= 1e-3, peak RSS < 8 GB, cached start < 10 s.
 Use --no-cold to skip the cold compile (it takes 10+ minutes for the UNet on 2 cores).
 """

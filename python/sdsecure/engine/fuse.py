@@ -12,14 +12,20 @@ replaces it by one node of the private domain `sdsecure.fused`, converted by `op
   each of the four phases (a, b) is a 2x2 conv of x with summed taps, 4/9 of the multiply-adds (the
   VAE's 512-channel upsampler at 128x128: 229 ms instead of 435 ms on MAX). The phase filters are
   computed here, from the verified weights.
+* WinogradConv3x3: Conv 3x3 (stride 1, pad 1) on an even-sized image with enough 2x2 output blocks and
+  wide enough channels  =>  WinogradConv3x3(x, U[, bias]), U the Winograd F(2x2, 3x3) transform of the filter
+  (engine.winograd: 16 multiplies per 2x2 block instead of 36).
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from sdsecure.engine import winograd
 from sdsecure.engine.fold import FoldedGraph, TensorInfo
 from sdsecure.engine.ops import PRIVATE_DOMAIN as FUSED_DOMAIN
 
@@ -131,6 +137,19 @@ def _resize_repeats(idx: _Index, node: onnx.NodeProto) -> dict[int, int] | None:
         return None
 
 
+def _is_plain_3x3(conv: onnx.NodeProto) -> bool:
+    """The Conv's attributes say kernel 3x3 (or nothing), stride 1, pad 1, dilation 1, one group."""
+    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+    return not (attrs.pop("group", 1) != 1 or list(attrs.pop("strides", [1, 1])) != [1, 1]
+                or list(attrs.pop("dilations", [1, 1])) != [1, 1] or list(attrs.pop("pads", [0] * 4)) != [1, 1, 1, 1]
+                or list(attrs.pop("kernel_shape", [3, 3])) != [3, 3] or attrs.pop("auto_pad", b"NOTSET") != b"NOTSET"
+                or attrs)
+
+
+def _bias_input(conv: onnx.NodeProto) -> str | None:
+    return conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+
+
 # Which 3x3 taps each 2x2 tap of a phase sums, along one axis: phase 0 reads source rows (i-1, i) with
 # taps (w0, w1+w2), phase 1 reads (i, i+1) with taps (w0+w1, w2).
 _TAPS = np.array([[[1, 0, 0], [0, 1, 1]],
@@ -160,16 +179,8 @@ def _upsample_conv(idx: _Index, resize: onnx.NodeProto) -> tuple[list[onnx.NodeP
         return None
     if w.shape[1:] != (xs[1], 3, 3):
         return None
-    attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
-    if (attrs.pop("group", 1) != 1 or list(attrs.pop("strides", [1, 1])) != [1, 1]
-            or list(attrs.pop("dilations", [1, 1])) != [1, 1] or list(attrs.pop("pads", [0] * 4)) != [1, 1, 1, 1]
-            or list(attrs.pop("kernel_shape", [3, 3])) != [3, 3] or attrs.pop("auto_pad", b"NOTSET") != b"NOTSET"
-            or attrs):
-        return None
-    bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
-    if bias is not None and idx.const(bias) is None:
-        return None
-    if _resize_repeats(idx, resize) != {2: 2, 3: 2}:
+    bias = _bias_input(conv)
+    if not _is_plain_3x3(conv) or (bias and idx.const(bias) is None) or _resize_repeats(idx, resize) != {2: 2, 3: 2}:
         return None
     name = conv.name or conv.output[0]
     consts = {f"{name}::phase{a}{b}": f for (a, b), f in zip(((0, 0), (0, 1), (1, 0), (1, 1)), phase_filters(w))}
@@ -178,7 +189,43 @@ def _upsample_conv(idx: _Index, resize: onnx.NodeProto) -> tuple[list[onnx.NodeP
     return [resize, conv], fused, consts
 
 
-REWRITES = (_group_norm, _upsample_conv)
+# Winograd pays when its 16 matmuls have enough rows (2x2 output blocks) and the channels are wide enough
+# for the matmuls to outweigh the transforms (whose memory traffic grows with C + F, while the multiplies
+# saved grow with C * F). Measured on MAX, milliseconds, Winograd against the direct conv:
+#   blocks: [2, 16, 16, 640] (128 blocks) 14 vs 21; [2, 8, 8, 1280] (32) 16.5 vs 19.8, too little for a
+#     filter 16/9 the size of the original (1.2 GB more for the UNet at 32x32 latents); [2, 4, 4, 1280]
+#     (8) 8.1 vs 7.7, a loss.
+#   width C*F/(C+F): 320->320 (160) 14 vs 23 at [2, 32, 32]; 512->256 (171) 184 vs 231 at [1, 128, 128];
+#     256->256 (128) 30 vs 26 at [1, 64, 64] and 121 vs 106 at [1, 128, 128]; 128->128 (64) 204 vs 110.
+WINOGRAD_MIN_BLOCKS = 128
+WINOGRAD_MIN_WIDTH = 160
+WINOGRAD_ENABLED = os.environ.get("SDSECURE_WINOGRAD", "1") != "0"     # 0: direct convs (for comparisons)
+
+
+def _winograd_conv(idx: _Index, conv: onnx.NodeProto) -> tuple[list[onnx.NodeProto], onnx.NodeProto, dict] | None:
+    if not WINOGRAD_ENABLED or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.input) < 2:
+        return None
+    x = conv.input[0]
+    xs, info, w = idx.shape(x), idx.folded.infos.get(x), idx.const(conv.input[1])
+    if xs is None or len(xs) != 4 or info.dtype != np.float32 or w is None or w.dtype != np.float32:
+        return None
+    n, c, h, wd = xs
+    f = w.shape[0]
+    if w.shape[1:] != (c, 3, 3) or h % 2 or wd % 2 or c * f < WINOGRAD_MIN_WIDTH * (c + f) \
+            or n * (h // 2) * (wd // 2) < WINOGRAD_MIN_BLOCKS:
+        return None
+    bias = _bias_input(conv)
+    if not _is_plain_3x3(conv) or (bias and idx.const(bias) is None):
+        return None
+    name = conv.name or conv.output[0]
+    consts = {f"{name}::winograd": winograd.filters(w)}
+    fused = helper.make_node("WinogradConv3x3", [x, *consts] + ([bias] if bias else []), [conv.output[0]],
+                             name=name, domain=FUSED_DOMAIN)
+    return [conv], fused, consts
+
+
+# in node order, first match wins: an upsampler's Conv goes to _upsample_conv (its Resize comes first)
+REWRITES = (_group_norm, _upsample_conv, _winograd_conv)
 
 
 def fuse(folded: FoldedGraph) -> FoldedGraph:

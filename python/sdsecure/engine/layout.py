@@ -63,6 +63,8 @@ def emit_channels_last(emitter, node, view, kwargs: dict, opdef) -> bool:
         return _group_norm(emitter, node, view, kwargs)
     if node.domain == "sdsecure.fused" and op == "UpsampleConv2x":
         return _upsample_conv(emitter, node, view)
+    if node.domain == "sdsecure.fused" and op == "WinogradConv3x3":
+        return _winograd_conv(emitter, node, view)
     if node.domain not in ("", "ai.onnx"):
         return False
     if op == "Conv":
@@ -104,6 +106,17 @@ def _upsample_conv(emitter, node, view) -> bool:
     x = emitter.channels_last(node.input[0])
     bias = consts[node.input[5]] if len(node.input) > 5 else None
     y = upsample_conv2x_nhwc(view, x, [consts[i] for i in node.input[1:5]], bias)
+    emitter.store_channels_last(view, node.output[0], y)
+    return True
+
+
+def _winograd_conv(emitter, node, view) -> bool:
+    from sdsecure.engine import winograd
+
+    consts = emitter.folded.consts
+    x = emitter.channels_last(node.input[0])
+    bias = emitter.tensor(consts[node.input[2]]) if len(node.input) > 2 else None
+    y = winograd.conv3x3_nhwc(x, emitter.tensor(consts[node.input[1]], weight=True), bias)
     emitter.store_channels_last(view, node.output[0], y)
     return True
 

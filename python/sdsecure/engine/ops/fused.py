@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from max.graph import ops
 
+from sdsecure.engine import winograd
 from sdsecure.engine.ops import PRIVATE_DOMAIN, Node, register
 from sdsecure.engine.ops.nn import group_norm as _group_norm, upsample_conv2x_nhwc
 
@@ -19,4 +20,13 @@ def upsample_conv2x(n: Node, x, w00, w01, w10, w11, bias=None):
     """Conv 3x3 (pad 1) of the nearest x2 upsampling of x [N, C, H, W] (see engine.fuse); channels-last
     inside, as every conv (engine.layout converts it without these permutes)."""
     y = upsample_conv2x_nhwc(n, ops.permute(n.t(x), [0, 2, 3, 1]), [w00, w01, w10, w11], bias)
+    return ops.permute(y, [0, 3, 1, 2])
+
+
+@register("WinogradConv3x3", domain=PRIVATE_DOMAIN)
+def winograd_conv3x3(n: Node, x, u, bias=None):
+    """Conv 3x3 (stride 1, pad 1) of x [N, C, H, W] with the Winograd-transformed filter u (see
+    engine.winograd); channels-last inside, as every conv."""
+    y = winograd.conv3x3_nhwc(ops.permute(n.t(x), [0, 2, 3, 1]), n._emitter.tensor(u, weight=True),
+                              None if bias is None else n.t(bias))
     return ops.permute(y, [0, 3, 1, 2])
