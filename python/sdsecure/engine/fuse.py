@@ -1,8 +1,9 @@
 """Peephole rewrites of a specialised graph into ops that MAX runs faster.
 
 Exporters spell some layers out op by op; MAX then generates (and compiles) one kernel per piece, or
-computes more than the layer needs. Each rewrite below matches an exact, value-checked pattern whose intermediates nobody else reads, and
-replaces it by one node of the private domain `sdsecure.fused`, converted by `ops/fused.py`.
+computes more than the layer needs. Each rewrite below matches an exact, value-checked pattern whose
+intermediates nobody else reads, and replaces it by one node of the private domain `sdsecure.fused`,
+converted by `ops/fused.py`.
 
 * GroupNorm: Reshape [N,C,...] -> [N,G,L] -> InstanceNormalization(scale 1, bias 0) -> Reshape back
   -> Mul gamma[C,1,..] -> Add beta[C,1,..]  (torch's GroupNorm in both exporters)  =>  GroupNorm(x, gamma, beta)

@@ -5,9 +5,9 @@ Each 2x2 block of a 3x3 conv's output is computed from the 4x4 input tile around
 (V = Bt d B, additions only), multiply element-wise by the transformed filter (U = G g Gt, computed once
 at load time from the verified weights) summed over input channels, and transform back (Y = At M A,
 additions only). Over all tiles, the middle step is 16 matrix products [tiles, C] x [C, F]: 16 multiplies
-per output block and channel pair instead of 36. MAX's matmul then does the work its direct conv does
-at about 80% of onnxruntime's speed (measured: [1, 64, 64, 512] 80 ms against 112 ms direct and 91 ms
-onnxruntime; [2, 16, 16, 640] 14 ms against 21 ms and 18 ms).
+per output block and channel pair instead of 36. MAX's direct conv runs at about 80% of onnxruntime's
+GFLOP/s here; with 4/9 of the multiplies it comes out ahead (measured: [1, 64, 64, 512] 80 ms against
+112 ms direct and 91 ms onnxruntime; [2, 16, 16, 640] 14 ms against 21 ms and 18 ms).
 
 The transforms cost memory traffic (V holds 4x the input), so the rewrite (engine.fuse) only takes convs
 with enough tiles and channels for the matmuls to dominate. In float32 the result differs from a
