@@ -8,12 +8,14 @@ For each component (UNet step at 32x32 latents batch 2, VAE decode of 32x32 late
 batch 2 x 77), every measurement in its own child process so that peak RSS is per backend:
   * cold compile: MAX with an empty cache (a fresh MODULAR_DERIVED_PATH; includes MAX's kernel library)
   * cached start: a new process, same cache: load weights -> fold -> build -> compile (cache hit) -> init
+    (engine.fuse's new filters are computed while the graph is built; init waits for them)
   * run time per call (median of --runs after one warm-up), MAX and onnxruntime, and their ratio
   * peak RSS of each child; max relative error of MAX vs onnxruntime (max |diff| / max |ref|)
   * UNet: achieved GFLOP/s (2 x MACs of Conv/MatMul/Gemm from the specialised ONNX graph's shapes) next to
     numpy sgemm GFLOP/s on the same threads. Both backends are credited with the ONNX graph's FLOPs;
     MAX executes fewer multiply-adds (engine.fuse: upsampling convs at the low resolution, wide 3x3
-    convs as Winograd F(2x2, 3x3); SDSECURE_WINOGRAD=0 turns the latter off for a comparison)
+    convs as Winograd F(2x2, 3x3); SDSECURE_WINOGRAD=0 turns the latter off for a comparison, and
+    SDSECURE_TAP_CONV=0 the matmul-per-tap convs that spare MAX repacking the 4x4 level's filters)
 Targets: ratio <= 1.0, rel err <= 1e-3, peak RSS < 8 GB, cached start < 10 s.
 Use --no-cold to skip the cold compile (it takes 10+ minutes for the UNet on 2 cores).
 """
@@ -99,6 +101,7 @@ def child(args: argparse.Namespace) -> None:
     stats = getattr(sess, "stats", None)
     if stats is not None:
         result.update(build_s=stats.build_s, compile_s=stats.compile_s, init_s=stats.init_s,
+                      fill_wait_s=getattr(stats, "fill_wait_s", 0.0),
                       pieces=getattr(sess, "pieces", 1), cache=stats.cache)
     if args.compile_only:
         result["peak_rss_gb"] = peak_rss_gb()
@@ -193,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             ort = run_child(common + ["--backend", "onnxruntime", "--out", str(tmp / f"{comp}_ort.npz")], env)
             print(f"{comp}: MAX start {mx['start_s']:.1f} s = load (gate: read + hash) {mx['load_s']:.1f} s + session "
                   f"{mx['session_s']:.1f} s (fold/build {mx['build_s']:.1f}, cached compile {mx['compile_s']:.1f}, "
-                  f"init {mx['init_s']:.1f}; {mx.get('pieces', 1)} piece(s), {mx.get('cache')}); onnxruntime start {ort['start_s']:.1f} s "
+                  f"waiting for new filters {mx.get('fill_wait_s', 0):.1f}, init {mx['init_s']:.1f}; "
+                  f"{mx.get('pieces', 1)} piece(s), {mx.get('cache')}); onnxruntime start {ort['start_s']:.1f} s "
                   f"(load {ort['load_s']:.1f}, session {ort['session_s']:.1f})", flush=True)
             a, b = np.load(tmp / f"{comp}_max.npz"), np.load(tmp / f"{comp}_ort.npz")
             rel = max(float(np.abs(a[k].astype(np.float64) - b[k]).max() / max(np.abs(b[k]).max(), 1e-30))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import math
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
@@ -86,6 +87,13 @@ class FoldedGraph:
     initializers: set[str] = field(default_factory=set)   # names in `consts` that are model weights
     alias: dict[str, str] = field(default_factory=dict)   # Identity output -> source tensor
     untyped: set[str] = field(default_factory=set)        # outputs of nodes that could not be typed
+    filling: list[Future] = field(default_factory=list)   # consts still being computed (engine.fuse)
+
+    def wait_filled(self) -> None:
+        """Return once every constant has its value (engine.fuse computes new filters in the background;
+        their shapes are known before). Raises what a computation raised."""
+        for future in self.filling:
+            future.result()
 
     def resolve(self, name: str) -> str:
         while name in self.alias:

@@ -16,19 +16,36 @@ converted by `ops/fused.py`.
 * WinogradConv3x3: Conv 3x3 (stride 1, pad 1) on an even-sized image with enough 2x2 output blocks and
   wide enough channels  =>  WinogradConv3x3(x, U[, bias]), U the Winograd F(2x2, 3x3) transform of the filter
   (engine.winograd: 16 multiplies per 2x2 block instead of 36).
+* TapConv: Conv 3x3 (stride 1, pad 1) with few output pixels and a big filter  =>  TapConv(x, T[, bias]),
+  one matmul per tap (engine.tap_conv): as fast as the direct conv there, and MAX need not repack the
+  filter when it initialises the model (3.3 s for the full UNet's 4x4 level at 32x32 latents). An
+  UpsampleConv2x on as few source pixels gets attribute taps=1 and runs its four phases that way.
+
+The new filters (phase, Winograd, tap layouts) are allocated when matched and computed from the verified
+weights on background threads, while the graph is built (which needs only their shapes); a session waits
+for them (FoldedGraph.wait_filled) before MAX binds them.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from sdsecure.engine import winograd
+from sdsecure.engine import tap_conv, winograd
 from sdsecure.engine.fold import FoldedGraph, TensorInfo
 from sdsecure.engine.ops import PRIVATE_DOMAIN as FUSED_DOMAIN
+
+
+Consts = dict[str, np.ndarray]
+# (nodes matched, the node replacing them, its new constants, and None or a function that computes their
+# values from the verified weights: the arrays are allocated at once, and filled in the background)
+Match = tuple[list[onnx.NodeProto], onnx.NodeProto, Consts, "Callable[[], object] | None"]
 
 
 class _Index:
@@ -77,7 +94,7 @@ def _per_channel(idx: _Index, node: onnx.NodeProto, value: str, rank: int, chann
     return c.reshape(channels)
 
 
-def _group_norm(idx: _Index, inorm: onnx.NodeProto) -> tuple[list[onnx.NodeProto], onnx.NodeProto, dict] | None:
+def _group_norm(idx: _Index, inorm: onnx.NodeProto) -> Match | None:
     if inorm.op_type != "InstanceNormalization" or inorm.domain not in ("", "ai.onnx") or len(inorm.input) != 3:
         return None
     scale, bias = idx.const(inorm.input[1]), idx.const(inorm.input[2])
@@ -116,7 +133,7 @@ def _group_norm(idx: _Index, inorm: onnx.NodeProto) -> tuple[list[onnx.NodeProto
     consts = {f"{name}::gamma": np.ascontiguousarray(gamma), f"{name}::beta": np.ascontiguousarray(beta)}
     fused = helper.make_node("GroupNorm", [x, *consts], [out], name=name, domain=FUSED_DOMAIN,
                              num_groups=int(groups), epsilon=eps)
-    return matched, fused, consts
+    return matched, fused, consts, None
 
 
 def _resize_repeats(idx: _Index, node: onnx.NodeProto) -> dict[int, int] | None:
@@ -155,19 +172,30 @@ def _bias_input(conv: onnx.NodeProto) -> str | None:
 # taps (w0, w1+w2), phase 1 reads (i, i+1) with taps (w0+w1, w2).
 _TAPS = np.array([[[1, 0, 0], [0, 1, 1]],
                   [[1, 1, 0], [0, 0, 1]]], np.float32)          # [phase, 2x2 tap, 3x3 tap]
+# _PHASE_MIX[(a, b, r, s), (kr, ks)] = _TAPS[a, r, kr] * _TAPS[b, s, ks]: one row of 9 weights per phase tap
+_PHASE_MIX = np.einsum("ark,bsl->absrkl", _TAPS, _TAPS).transpose(0, 1, 3, 2, 4, 5).reshape(16, 9)
 
 
-def phase_filters(w: np.ndarray) -> list[np.ndarray]:
+def phase_filters(w: np.ndarray, out: list[np.ndarray] | None = None) -> list[np.ndarray]:
     """The four 2x2 filters [F, C, 2, 2] (phases 00, 01, 10, 11) that a 3x3 filter `w` [F, C, 3, 3] applies
-    to the source image of a nearest x2 upsampling (see _TAPS), as one small matmul over all (F, C)."""
+    to the source image of a nearest x2 upsampling (see _TAPS), as one small matmul over all (F, C).
+    Written into `out` when given."""
     f, c = w.shape[:2]
-    # mix[a, b, r, s, kr, ks] = _TAPS[a, r, kr] * _TAPS[b, s, ks]: one row of 9 weights per phase tap
-    mix = np.einsum("ark,bsl->absrkl", _TAPS, _TAPS).transpose(0, 1, 3, 2, 4, 5).reshape(16, 9)
-    taps = (w.reshape(f * c, 9) @ mix.T).reshape(f, c, 2, 2, 2, 2)            # [F, C, a, b, r, s]
-    return [np.ascontiguousarray(taps[:, :, a, b]) for a in (0, 1) for b in (0, 1)]
+    taps = (w.reshape(f * c, 9) @ _PHASE_MIX.T).reshape(f, c, 2, 2, 2, 2)      # [F, C, a, b, r, s]
+    out = out if out is not None else [np.empty((f, c, 2, 2), np.float32) for _ in range(4)]
+    for p, (a, b) in enumerate(((0, 0), (0, 1), (1, 0), (1, 1))):
+        out[p][...] = taps[:, :, a, b]
+    return out
 
 
-def _upsample_conv(idx: _Index, resize: onnx.NodeProto) -> tuple[list[onnx.NodeProto], onnx.NodeProto, dict] | None:
+def phase_taps(w: np.ndarray, out: np.ndarray | None = None) -> list[np.ndarray]:
+    """The same four phase filters laid out as taps [4, C, F] (engine.tap_conv): four slices of one
+    [16, C, F] array, written into `out` when given."""
+    rows = tap_conv.filters(w, _PHASE_MIX, out)                                # [(a, b, r, s), C, F]
+    return [rows[4 * p:4 * p + 4] for p in range(4)]
+
+
+def _upsample_conv(idx: _Index, resize: onnx.NodeProto) -> Match | None:
     if resize.op_type != "Resize" or resize.domain not in ("", "ai.onnx"):
         return None
     conv = idx.only_consumer(resize.output[0])
@@ -184,55 +212,126 @@ def _upsample_conv(idx: _Index, resize: onnx.NodeProto) -> tuple[list[onnx.NodeP
     if not _is_plain_3x3(conv) or (bias and idx.const(bias) is None) or _resize_repeats(idx, resize) != {2: 2, 3: 2}:
         return None
     name = conv.name or conv.output[0]
-    consts = {f"{name}::phase{a}{b}": f for (a, b), f in zip(((0, 0), (0, 1), (1, 0), (1, 1)), phase_filters(w))}
-    fused = helper.make_node("UpsampleConv2x", [x, *consts] + ([bias] if bias else []), [conv.output[0]],
-                             name=name, domain=FUSED_DOMAIN)
-    return [resize, conv], fused, consts
+    names = [f"{name}::phase{a}{b}" for a in (0, 1) for b in (0, 1)]
+    # few source pixels and a big filter: each phase as one matmul per tap (see _tap_conv)
+    as_taps = _tap_conv_pays(xs[0] * xs[2] * xs[3], w)
+    attrs = {"taps": 1} if as_taps else {}
+    fused = helper.make_node("UpsampleConv2x", [x, *names] + ([bias] if bias else []), [conv.output[0]],
+                             name=name, domain=FUSED_DOMAIN, **attrs)
+
+    f, c = w.shape[:2]
+    if as_taps:
+        rows = _empty((16, c, f))
+        return [resize, conv], fused, dict(zip(names, [rows[4 * p:4 * p + 4] for p in range(4)])), \
+            lambda: phase_taps(w, rows)
+    phases = [_empty((f, c, 2, 2)) for _ in range(4)]
+    return [resize, conv], fused, dict(zip(names, phases)), lambda: phase_filters(w, phases)
 
 
 # Winograd pays when its 16 matmuls have enough rows (2x2 output blocks) and the channels are wide enough
 # for the matmuls to outweigh the transforms (whose memory traffic grows with C + F, while the multiplies
 # saved grow with C * F). Measured on MAX, milliseconds, Winograd against the direct conv:
-#   blocks: [2, 16, 16, 640] (128 blocks) 14 vs 21; [2, 8, 8, 1280] (32) 16.5 vs 19.8, too little for a
-#     filter 16/9 the size of the original (1.2 GB more for the UNet at 32x32 latents); [2, 4, 4, 1280]
-#     (8) 8.1 vs 7.7, a loss.
+#   blocks: [2, 16, 16, 640] (128 blocks) 14 vs 21; [2, 8, 8, 1280] (32) 16.5 vs 19.8, and its transformed
+#     filter is ready faster than MAX repacks a direct conv's (0.06 s against 0.2 s per 59 MB), though it
+#     holds 16/9 of the filter where the repacked one holds 1; [2, 4, 4, 1280] (8) 8.1 vs 7.7, a loss
+#     (_tap_conv takes those).
 #   width C*F/(C+F): 320->320 (160) 14 vs 23 at [2, 32, 32]; 512->256 (171) 184 vs 231 at [1, 128, 128];
 #     256->256 (128) 30 vs 26 at [1, 64, 64] and 121 vs 106 at [1, 128, 128]; 128->128 (64) 204 vs 110.
-WINOGRAD_MIN_BLOCKS = 128
+WINOGRAD_MIN_BLOCKS = 32
 WINOGRAD_MIN_WIDTH = 160
 WINOGRAD_ENABLED = os.environ.get("SDSECURE_WINOGRAD", "1") != "0"     # 0: direct convs (for comparisons)
 
 
-def _winograd_conv(idx: _Index, conv: onnx.NodeProto) -> tuple[list[onnx.NodeProto], onnx.NodeProto, dict] | None:
-    if not WINOGRAD_ENABLED or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.input) < 2:
+def _plain_float_3x3(idx: _Index, conv: onnx.NodeProto) -> tuple[tuple[int, ...], np.ndarray, str | None] | None:
+    """(input shape [N, C, H, W], filter, bias input or None) of a float32 Conv 3x3, stride 1, pad 1, with a
+    constant filter (and bias); None for anything else."""
+    if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or len(conv.input) < 2:
         return None
-    x = conv.input[0]
-    xs, info, w = idx.shape(x), idx.folded.infos.get(x), idx.const(conv.input[1])
-    if xs is None or len(xs) != 4 or info.dtype != np.float32 or w is None or w.dtype != np.float32:
-        return None
-    n, c, h, wd = xs
-    f = w.shape[0]
-    if w.shape[1:] != (c, 3, 3) or h % 2 or wd % 2 or c * f < WINOGRAD_MIN_WIDTH * (c + f) \
-            or n * (h // 2) * (wd // 2) < WINOGRAD_MIN_BLOCKS:
+    xs, info, w = idx.shape(conv.input[0]), idx.folded.infos.get(conv.input[0]), idx.const(conv.input[1])
+    if xs is None or len(xs) != 4 or info.dtype != np.float32 or w is None or w.dtype != np.float32 \
+            or w.shape[1:] != (xs[1], 3, 3):
         return None
     bias = _bias_input(conv)
     if not _is_plain_3x3(conv) or (bias and idx.const(bias) is None):
         return None
+    return xs, w, bias
+
+
+def _winograd_conv(idx: _Index, conv: onnx.NodeProto) -> Match | None:
+    plain = _plain_float_3x3(idx, conv) if WINOGRAD_ENABLED else None
+    if plain is None:
+        return None
+    (n, c, h, wd), w, bias = plain
+    f = w.shape[0]
+    if h % 2 or wd % 2 or c * f < WINOGRAD_MIN_WIDTH * (c + f) or n * (h // 2) * (wd // 2) < WINOGRAD_MIN_BLOCKS:
+        return None
     name = conv.name or conv.output[0]
-    consts = {f"{name}::winograd": winograd.filters(w)}
-    fused = helper.make_node("WinogradConv3x3", [x, *consts] + ([bias] if bias else []), [conv.output[0]],
+    u = f"{name}::winograd"
+    fused = helper.make_node("WinogradConv3x3", [conv.input[0], u] + ([bias] if bias else []), [conv.output[0]],
                              name=name, domain=FUSED_DOMAIN)
-    return [conv], fused, consts
+    out = _empty((16, c, f))
+    return [conv], fused, {u: out}, lambda: winograd.filters(w, out)
+
+
+# Output pixels (N*H*W) up to which a matmul per tap runs as fast as MAX's direct conv (measured: 32 at
+# [2, 4, 4, 1280]; 128 at [2, 8, 8, 1280] is 16% slower), and the filter size from which binding it as a
+# matmul weight saves time worth a graph change (MAX repacks a direct conv's filter at ~0.3 GB/s).
+TAP_CONV_MAX_PIXELS = 32
+TAP_CONV_MIN_FILTER_BYTES = 1 << 20
+TAP_CONV_ENABLED = os.environ.get("SDSECURE_TAP_CONV", "1") != "0"      # 0: direct convs (for comparisons)
+
+
+def _tap_conv_pays(pixels: int, w: np.ndarray) -> bool:
+    return TAP_CONV_ENABLED and pixels <= TAP_CONV_MAX_PIXELS and w.nbytes >= TAP_CONV_MIN_FILTER_BYTES
+
+
+def _tap_conv(idx: _Index, conv: onnx.NodeProto) -> Match | None:
+    plain = _plain_float_3x3(idx, conv)
+    if plain is None:
+        return None
+    (n, c, h, wd), w, bias = plain
+    if not _tap_conv_pays(n * h * wd, w):
+        return None
+    name = conv.name or conv.output[0]
+    taps = f"{name}::taps"
+    fused = helper.make_node("TapConv", [conv.input[0], taps] + ([bias] if bias else []), [conv.output[0]],
+                             name=name, domain=FUSED_DOMAIN, kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+    out = _empty((9, c, w.shape[0]))
+    return [conv], fused, {taps: out}, lambda: tap_conv.filters(w, out=out)
 
 
 # in node order, first match wins: an upsampler's Conv goes to _upsample_conv (its Resize comes first)
-REWRITES = (_group_norm, _upsample_conv, _winograd_conv)
+REWRITES = (_group_norm, _upsample_conv, _winograd_conv, _tap_conv)
+
+
+def _empty(shape: tuple[int, ...]) -> np.ndarray:
+    """np.empty(shape, float32) for a new filter, in its own anonymous mapping with transparent huge pages
+    off. numpy asks for huge pages, and on these machines the kernel then spends twice as long in page
+    faults: the UNet's 2.8 GB of new filters took 4.7 s to fill instead of 2.6 s. MAX's init takes about
+    1 s longer on small pages, and the cached start still comes out 1 s shorter (9.2 against 10.3 s)."""
+    count = int(np.prod(shape))
+    buf = mmap.mmap(-1, max(count, 1) * 4, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, np.float32, count=count).reshape(shape)
+
+
+_FILLER: ThreadPoolExecutor | None = None
+
+
+def _filler() -> ThreadPoolExecutor:
+    """Threads that compute new filters (numpy's copies and elementwise loops release the GIL)."""
+    global _FILLER
+    if _FILLER is None:
+        _FILLER = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="fuse-fill")
+    return _FILLER
 
 
 def fuse(folded: FoldedGraph) -> FoldedGraph:
     """Apply every rewrite; returns `folded` changed in place (nodes, consts, infos)."""
     idx = _Index(folded)
     replaced: dict[int, onnx.NodeProto | None] = {}
+    fills: list[Callable[[], object]] = []
     for node in folded.nodes:
         if id(node) in replaced:
             continue
@@ -243,7 +342,7 @@ def fuse(folded: FoldedGraph) -> FoldedGraph:
                 break
         if match is None:
             continue
-        matched, fused_node, consts = match
+        matched, fused_node, consts, fill = match
         if any(id(n) in replaced for n in matched):
             continue
         for n in matched:
@@ -253,6 +352,11 @@ def fuse(folded: FoldedGraph) -> FoldedGraph:
             folded.consts[k] = v
             folded.infos[k] = TensorInfo(v.shape, v.dtype)
             folded.initializers.add(k)
+        if fill is not None:
+            fills.append(fill)
+    # The new filters (0.03-0.1 s per 59 MB, mostly memory traffic) are computed on other threads while
+    # the graph is built: building needs their shapes only. FoldedGraph.wait_filled before reading them.
+    folded.filling = [_filler().submit(fill) for fill in fills]
     if replaced:
         new_nodes = []
         for n in folded.nodes:

@@ -62,9 +62,11 @@ def emit_channels_last(emitter, node, view, kwargs: dict, opdef) -> bool:
     if node.domain == "sdsecure.fused" and op == "GroupNorm":
         return _group_norm(emitter, node, view, kwargs)
     if node.domain == "sdsecure.fused" and op == "UpsampleConv2x":
-        return _upsample_conv(emitter, node, view)
+        return _upsample_conv(emitter, node, view, kwargs)
     if node.domain == "sdsecure.fused" and op == "WinogradConv3x3":
         return _winograd_conv(emitter, node, view)
+    if node.domain == "sdsecure.fused" and op == "TapConv":
+        return _tap_conv(emitter, node, view, kwargs)
     if node.domain not in ("", "ai.onnx"):
         return False
     if op == "Conv":
@@ -99,13 +101,13 @@ def _conv(emitter, node, view, kwargs) -> bool:
     return True
 
 
-def _upsample_conv(emitter, node, view) -> bool:
+def _upsample_conv(emitter, node, view, kwargs) -> bool:
     from sdsecure.engine.ops.nn import upsample_conv2x_nhwc
 
     consts = emitter.folded.consts
     x = emitter.channels_last(node.input[0])
     bias = consts[node.input[5]] if len(node.input) > 5 else None
-    y = upsample_conv2x_nhwc(view, x, [consts[i] for i in node.input[1:5]], bias)
+    y = upsample_conv2x_nhwc(view, x, [consts[i] for i in node.input[1:5]], bias, bool(kwargs.get("taps")))
     emitter.store_channels_last(view, node.output[0], y)
     return True
 
@@ -117,6 +119,18 @@ def _winograd_conv(emitter, node, view) -> bool:
     x = emitter.channels_last(node.input[0])
     bias = emitter.tensor(consts[node.input[2]]) if len(node.input) > 2 else None
     y = winograd.conv3x3_nhwc(x, emitter.tensor(consts[node.input[1]], weight=True), bias)
+    emitter.store_channels_last(view, node.output[0], y)
+    return True
+
+
+def _tap_conv(emitter, node, view, kwargs) -> bool:
+    from sdsecure.engine import tap_conv
+
+    consts = emitter.folded.consts
+    x = emitter.channels_last(node.input[0])
+    bias = emitter.tensor(consts[node.input[2]]) if len(node.input) > 2 else None
+    y = tap_conv.conv_nhwc(x, emitter.tensor(consts[node.input[1]], weight=True), kwargs["kernel_shape"],
+                           kwargs["pads"], bias)
     emitter.store_channels_last(view, node.output[0], y)
     return True
 

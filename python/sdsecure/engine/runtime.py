@@ -19,6 +19,7 @@ import math
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -82,6 +83,7 @@ class CompileStats:
         self.build_s = 0.0
         self.compile_s = 0.0
         self.init_s = 0.0
+        self.fill_wait_s = 0.0   # init waiting for engine.fuse's filters (computed while the graph is built)
         self.cache = ""          # "memory" (this process), "mef" (sdsecure's disk cache) or "compiled"
         self.child_peak_rss_mib = 0
 
@@ -93,7 +95,8 @@ class CompileStats:
 
 def prepare_graph(model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
                   input_shapes: Mapping[str, Sequence[int]], *, name: str = "") -> FoldedGraph:
-    """Specialise, fold and fuse; raise UnsupportedOpError before anything is built or compiled."""
+    """Specialise, fold and fuse; raise UnsupportedOpError before anything is built or compiled. The
+    filters that fuse derives are still being computed when this returns (see FoldedGraph.wait_filled)."""
     folded = fuse(specialize(model, weights, input_shapes, name=name or model.graph.name or "model"))
     check_supported(folded)
     return folded
@@ -137,30 +140,40 @@ class MaxSession:
             isolate = weight_bytes(folded) >= ISOLATE_MIN_WEIGHT_BYTES
         self.isolated = isolate
         pieces = split(folded, math.ceil(len(folded.nodes) / piece_nodes())) if isolate else [folded]
-        dev = DeviceRef.CPU()
-        built = []
-        for piece in pieces:
-            # The graph name is part of the graph text (and so of MAX's cache key): keep it independent
-            # of the caller's label so that the same model at the same shapes always hits the same entry.
-            graph, piece_weights = build_graph(piece, dev, graph_name=GRAPH_NAME)
-            built.append((piece, graph, str(graph), piece_weights))
         self.stats.build_s = time.perf_counter() - t0
-
         session = _inference_session(device)
-        self._pieces: list[_Piece] = []
-        for k, (piece, graph, text, piece_weights) in enumerate(built):
-            label = self.name if len(built) == 1 else f"{self.name} piece {k + 1}/{len(built)}"
-            t1 = time.perf_counter()
-            compiled = self._compile(session, graph, text, device, label, isolate)
-            self.stats.compile_s += time.perf_counter() - t1
-            t2 = time.perf_counter()
-            model_k = session.init(compiled, weights_registry=piece_weights)
-            self.stats.init_s += time.perf_counter() - t2
-            self._pieces.append(_Piece(model_k, list(piece.inputs), list(piece.outputs), piece_weights))
+        # MAX initialises a model (binding weights, repacking conv filters) on one thread, without the
+        # GIL: a piece initialises in the background (once fuse's filters are ready) while the next is
+        # built and compiled, the heaviest first (it holds most of the UNet's conv filters).
+        order = sorted(range(len(pieces)), key=lambda k: -weight_bytes(pieces[k]))
+        models: dict[int, tuple[dict[str, np.ndarray], Future]] = {}
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="max-init") as initializer:
+            for k in order:
+                label = self.name if len(pieces) == 1 else f"{self.name} piece {k + 1}/{len(pieces)}"
+                t1 = time.perf_counter()
+                # The graph name is part of the graph text (and so of MAX's cache key): keep it independent
+                # of the caller's label so that the same model at the same shapes always hits the same entry.
+                graph, piece_weights = build_graph(pieces[k], DeviceRef.CPU(), graph_name=GRAPH_NAME)
+                t2 = time.perf_counter()
+                self.stats.build_s += t2 - t1
+                compiled = self._compile(session, graph, str(graph), device, label, isolate)
+                self.stats.compile_s += time.perf_counter() - t2
+                models[k] = (piece_weights, initializer.submit(self._init, session, compiled, piece_weights))
+            self._pieces: list[_Piece] = [_Piece(models[k][1].result(), list(piece.inputs), list(piece.outputs),
+                                                 models[k][0]) for k, piece in enumerate(pieces)]
         self._last_reader = _last_readers(self._pieces, set(self.output_names) |
                                           {folded.resolve(o) for o in self.output_names})
         log.info("%s ready: build %.1f s, compile %.1f s (%s), init %.1f s", self.name, self.stats.build_s,
                  self.stats.compile_s, self.stats.cache, self.stats.init_s)
+
+    def _init(self, session, compiled, weights: dict[str, np.ndarray]):
+        t = time.perf_counter()
+        self._folded.wait_filled()           # engine.fuse may still be computing new filters
+        self.stats.fill_wait_s += time.perf_counter() - t
+        t = time.perf_counter()
+        model = session.init(compiled, weights_registry=weights)
+        self.stats.init_s += time.perf_counter() - t
+        return model
 
     def _compile(self, session, graph, text: str, device: str, label: str, isolate: bool):
         """The compiled form of one graph (`text` is str(graph)): from this process's memory, else

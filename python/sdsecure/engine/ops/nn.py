@@ -103,15 +103,24 @@ def conv2d_nhwc(n: Node, x, w, b=None, *, auto_pad: str, dilations=None, group: 
                       bias=None if b is None else n.t(b), filter_layout=FilterLayout.FCRS)
 
 
-def upsample_conv2x_nhwc(n: Node, x, phases, bias=None):
+def upsample_conv2x_nhwc(n: Node, x, phases, bias=None, taps: bool = False):
     """fuse.UpsampleConv2x on an NHWC input [N, H, W, C]: Conv3x3(nearest x2 upsampling of x) as four 2x2
-    convs of x, one per output phase (a, b), interleaved into [N, 2H, 2W, F]."""
+    convs of x, one per output phase (a, b), interleaved into [N, 2H, 2W, F]. With `taps` the phase
+    filters are laid out [4, C, F] and each conv is one matmul per tap (engine.tap_conv)."""
+    from sdsecure.engine import tap_conv
+
     batch, h, w, _ = (int(d) for d in x.shape)
     b = None if bias is None else n.t(bias)
+
+    def phase_conv(a: int, c: int):
+        f = n._emitter.tensor(phases[2 * a + c], weight=True)
+        if taps:
+            return tap_conv.conv_nhwc(x, f, (2, 2), (1 - a, 1 - c, a, c), b)
+        return ops.conv2d(x, f, padding=(1 - a, a, 1 - c, c), bias=b, filter_layout=FilterLayout.FCRS)
+
     rows = []
     for a in (0, 1):
-        cols = [ops.conv2d(x, n._emitter.tensor(phases[2 * a + c], weight=True), padding=(1 - a, a, 1 - c, c),
-                           bias=b, filter_layout=FilterLayout.FCRS) for c in (0, 1)]
+        cols = [phase_conv(a, c) for c in (0, 1)]
         f = int(cols[0].shape[3])
         rows.append(ops.reshape(ops.stack(cols, axis=3), [batch, h, 2 * w, f]))    # columns 2j, 2j+1
     return ops.reshape(ops.stack(rows, axis=2), [batch, 2 * h, 2 * w, f])           # rows 2i, 2i+1
