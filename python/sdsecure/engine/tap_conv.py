@@ -7,7 +7,7 @@ rows of the matmul) a conv is bound by reading its filter whichever way it runs,
 [pixels, C] x [C, F] per tap over the shifted input, summed, runs as fast as the direct conv
 ([2, 4, 4, 1280] -> 1280: 7.6-8.2 ms against 7.9-8.4 ms) and binds in no time. With more pixels MAX's
 conv kernel pulls ahead ([2, 8, 8, 1280]: 22.9 ms against 19.7 ms), so engine.fuse takes only small
-outputs. The taps are laid out [kh*kw, C, F] at load time from the verified weights (0.05 s for 59 MB).
+outputs. The taps are laid out [kh*kw, C, F] at load time from the verified weights (0.03 s for 59 MB).
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ def filters(w: np.ndarray, mix: np.ndarray | None = None, out: np.ndarray | None
 
 
 def _mix(mix: np.ndarray, block: np.ndarray, out: np.ndarray) -> None:
-    """out[k] = sum_t mix[k, t] * block[t], in numpy's elementwise loops: the mixes are sparse (zeros, ones,
-    halves), and a BLAS matmul would start worker threads that spin against the graph build running
-    beside it (engine.fuse fills filters in the background): 1.9 ms against 0.6 ms per chunk alone, but
-    the UNet's start 1.5-2 s shorter."""
+    """out[k] = sum_t mix[k, t] * block[t], in numpy's elementwise loops. The mixes are sparse (zeros, ones,
+    halves), and a BLAS matmul starts worker threads that spin against the graph build running beside
+    it (engine.fuse fills filters in the background): alone a chunk takes 1.9 ms here against 0.6 ms,
+    but the UNet's cached start measured 9.6-10.7 s this way against 10.4-10.7 s with BLAS."""
     scratch = np.empty_like(block[0])
     for k, row in enumerate(mix):
         dst = out[k]
