@@ -7,6 +7,8 @@ import io
 import os
 import socket
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -376,3 +378,48 @@ def test_live_progress_on_a_terminal():
     bar.finish(2)
     text = out.getvalue()
     assert "\rsdsecure: hashing 1.07/1.07 GB (100%" in text and text.endswith("GB/s)\n")
+
+
+def _large_folder(tmp_path: Path, monkeypatch, n: int = 4) -> dict[str, bytes]:
+    """n files above the (lowered) in-memory limit, and one small file."""
+    monkeypatch.setattr(gf, "IN_MEMORY_LIMIT", 1 << 20)
+    data = {f"big{k}.bin": os.urandom((2 << 20) + k) for k in range(n)}
+    data["config.json"] = b"{}"
+    for name, content in data.items():
+        write(tmp_path / "m" / name, content)
+    return data
+
+
+def test_large_files_are_hashed_two_at_a_time_each_once(tmp_path: Path, monkeypatch):
+    data = _large_folder(tmp_path, monkeypatch)
+    seen: list[tuple[str, str]] = []
+    real = gf._read_one
+
+    def recording(e, *args):
+        seen.append((e.rel, threading.current_thread().name))
+        time.sleep(0.05)           # long enough for the other reader to start
+        return real(e, *args)
+    monkeypatch.setattr(gf, "_read_one", recording)
+    res = walk_snapshot(tmp_path / "m", defer_large=True, progress=False)
+    assert res.finish() == []
+    assert {rel: b.sha256 for rel, b in res.files.items()} == {k: hashlib.sha256(v).hexdigest() for k, v in data.items()}
+    large = [(rel, thread) for rel, thread in seen if rel.startswith("big")]
+    assert sorted(rel for rel, _ in large) == [f"big{k}.bin" for k in range(4)]
+    assert len({thread for _, thread in large}) == gf.READ_THREADS == 2
+
+
+def test_a_reader_that_breaks_fails_every_large_file_left_and_says_so(tmp_path: Path, monkeypatch):
+    _large_folder(tmp_path, monkeypatch)
+    real = gf._read_one
+
+    def breaking(e, *args):
+        if e.rel == "big1.bin":
+            raise RuntimeError("disk on fire")
+        return real(e, *args)
+    monkeypatch.setattr(gf, "_read_one", breaking)
+    res = walk_snapshot(tmp_path / "m", defer_large=True, progress=False)
+    late = res.finish()
+    assert [(f.rule, f.severity) for f in late] == [("FILE-UNREADABLE", Severity.HIGH)]
+    assert "disk on fire" in late[0].message
+    assert "big1.bin" not in res.files and "config.json" in res.files
+    assert all(b.wait() for b in res.files.values())      # nothing left pending, nothing hangs

@@ -191,9 +191,11 @@ class HashProgress:
         self.live = self.enabled and total >= self.LIVE_THRESHOLD and _isatty(self.stream)
         self.t0 = time.perf_counter()
         self._last = 0.0
+        self._lock = threading.Lock()
 
     def update(self, n: int) -> None:
-        self.done += n
+        with self._lock:                # large files are hashed on several threads
+            self.done += n
         if not self.live:
             return
         now = time.perf_counter()
@@ -223,6 +225,7 @@ def _isatty(stream) -> bool:
 
 # -- the walk -------------------------------------------------------------------------------------
 
+READ_THREADS = 2          # large files read and hashed at once (sha256 keeps one core busy per file)
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _O_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOCTTY", 0) | os.O_NONBLOCK
 
@@ -248,7 +251,7 @@ def walk_snapshot(root: str | os.PathLike, *, include: Callable[[str], bool] | N
     then descends only into their folders: a single model file in a big folder); `blob_dirs`
     (default: detected from the HF cache layout) are the extra folders symlinks may point into.
 
-    `defer_large`: files above blob.IN_MEMORY_LIMIT are read by a background thread (ONNX files
+    `defer_large`: files above blob.IN_MEMORY_LIMIT are read by background threads, READ_THREADS at a time (ONNX files
     first) into deferred blobs, so the caller can analyse the small files meanwhile; call
     `result.finish()` before trusting `files` and `findings`. Without it, everything is read here."""
     if only is not None:
@@ -285,19 +288,42 @@ def walk_snapshot(root: str | os.PathLike, *, include: Callable[[str], bool] | N
         result.seconds = time.perf_counter() - t0
         return result
 
-    def read_deferred() -> None:
+    # sha256 runs on one core per file: the large files are read and hashed READ_THREADS at a time,
+    # each taking the next one in order (ONNX graphs first), so the biggest does not hold up the rest
+    pending = list(deferred)
+    pending_lock = threading.Lock()
+
+    def take() -> tuple[_Entry, Blob] | None:
+        with pending_lock:
+            return pending.pop(0) if pending else None
+
+    def reader() -> None:
+        item = None
         try:
-            for e, blob in deferred:
+            while (item := take()) is not None:
+                e, blob = item
                 got = _read_one(e, area_fds, bar_update, result._late)
                 if got is None:
                     blob._fail(OSError(f"{e.rel} could not be read"))
                 else:
                     blob._fill(got)
         except BaseException as exc:  # noqa: BLE001 - every waiter must wake up, whatever happened
-            for _e, blob in deferred:
+            with pending_lock:
+                left = ([item] if item is not None else []) + pending
+                pending.clear()
+            for _e, blob in left:
                 if not blob._done.is_set():
                     blob._fail(exc)
             result._late.append(_finding("FILE-UNREADABLE", Severity.HIGH, "", f"reading failed: {exc}"))
+
+    def read_deferred() -> None:
+        try:
+            readers = [threading.Thread(target=reader, name=f"sdsecure-read-{k}", daemon=True)
+                       for k in range(max(1, min(READ_THREADS, len(deferred))))]
+            for t in readers:
+                t.start()
+            for t in readers:
+                t.join()
         finally:
             for fd in area_fds:
                 os.close(fd)

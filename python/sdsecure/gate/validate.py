@@ -78,7 +78,7 @@ def _run(ref: str, policy: str, *, revision: str | None, progress: bool,
     if mref.kind == "hub":
         fetched = hub.fetch(mref, progress=progress)
         findings += fetched.findings
-        walk = walk_snapshot(fetched.snapshot_dir, include=fetched.include, progress=progress, defer_large=scan)
+        walk = walk_snapshot(fetched.snapshot_dir, include=fetched.include, progress=progress, defer_large=True)
     elif mref.kind == "file":
         assert mref.path is not None
         walk = walk_snapshot(mref.path.parent, only=[mref.path.name], progress=progress)
@@ -89,8 +89,8 @@ def _run(ref: str, policy: str, *, revision: str | None, progress: bool,
             walk.findings += more.findings
     else:
         assert mref.path is not None
-        # large files are read and hashed in the background while the rules look at the rest
-        walk = walk_snapshot(mref.path, progress=progress, defer_large=scan)
+        # large files are read and hashed in the background (two at a time) while the rules look at the rest
+        walk = walk_snapshot(mref.path, progress=progress, defer_large=True)
     try:
         findings += walk.findings
         files = walk.files
