@@ -199,18 +199,12 @@ def _upsample_conv(idx: _Index, resize: onnx.NodeProto) -> Match | None:
     if resize.op_type != "Resize" or resize.domain not in ("", "ai.onnx"):
         return None
     conv = idx.only_consumer(resize.output[0])
-    if conv is None or conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx") or conv.input[0] != resize.output[0]:
-        return None
+    plain = _plain_float_3x3(idx, conv) if conv is not None and conv.input[0] == resize.output[0] else None
     x = resize.input[0]
-    xs, info = idx.shape(x), idx.folded.infos.get(x)
-    w = idx.const(conv.input[1]) if len(conv.input) > 1 else None
-    if xs is None or len(xs) != 4 or info.dtype != np.float32 or w is None or w.dtype != np.float32:
+    xs = idx.shape(x)
+    if plain is None or xs is None or len(xs) != 4 or _resize_repeats(idx, resize) != {2: 2, 3: 2}:
         return None
-    if w.shape[1:] != (xs[1], 3, 3):
-        return None
-    bias = _bias_input(conv)
-    if not _is_plain_3x3(conv) or (bias and idx.const(bias) is None) or _resize_repeats(idx, resize) != {2: 2, 3: 2}:
-        return None
+    _, w, bias = plain
     name = conv.name or conv.output[0]
     names = [f"{name}::phase{a}{b}" for a in (0, 1) for b in (0, 1)]
     # few source pixels and a big filter: each phase as one matmul per tap (see _tap_conv)
