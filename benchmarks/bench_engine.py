@@ -95,14 +95,15 @@ def child(args: argparse.Namespace) -> None:
     feeds = make_feeds(args.component, model, args.latent)
     shapes = {k: v.shape for k, v in feeds.items()}
     t_loaded = time.perf_counter()
-    sess = create_session(model, weights, shapes, backend=args.backend, name=args.component)
+    extra = {"source": vm.source_digest(path)} if args.backend == "max" else {}
+    sess = create_session(model, weights, shapes, backend=args.backend, name=args.component, **extra)
     t_ready = time.perf_counter()
     result: dict = {"load_s": t_loaded - t_start, "session_s": t_ready - t_loaded, "start_s": t_ready - t_start}
     stats = getattr(sess, "stats", None)
     if stats is not None:
         result.update(build_s=stats.build_s, compile_s=stats.compile_s, init_s=stats.init_s,
                       fill_wait_s=getattr(stats, "fill_wait_s", 0.0),
-                      pieces=getattr(sess, "pieces", 1), cache=stats.cache)
+                      pieces=getattr(sess, "pieces", 1), cache=stats.cache, planned=stats.planned)
     if args.compile_only:
         result["peak_rss_gb"] = peak_rss_gb()
         print(json.dumps(result))

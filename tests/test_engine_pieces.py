@@ -38,7 +38,7 @@ def _skip_model() -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
             cur = "skip"
     nodes.append(helper.make_node("Identity", ["h2"], ["mid"], name="mid_out"))
     nodes.append(helper.make_node("Identity", ["x"], ["echo"], name="echo"))
-    graph = helper.make_graph(nodes, "skip", [_f32("x", [4, 16])],
+    graph = helper.make_graph(nodes, "skip", [_f32("x", ["n", 16])],
                               [_f32(cur, None), _f32("mid", None), _f32("echo", None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     return model, {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -159,3 +159,88 @@ def test_mef_key_depends_on_graph_and_device() -> None:
     a = mef_cache.mef_key("graph A", "cpu")
     assert a == mef_cache.mef_key("graph A", "cpu")
     assert a != mef_cache.mef_key("graph B", "cpu") and a != mef_cache.mef_key("graph A", "gpu")
+
+
+# -- build plans (engine.plan_cache) -----------------------------------------------------------------
+def _no_build(*_a, **_k):
+    raise AssertionError("the graph was built although a build plan was stored")
+
+
+def test_a_stored_build_plan_binds_the_mefs_without_building(mef_dir, monkeypatch) -> None:
+    model, weights = _skip_model()
+    x = np.random.default_rng(2).standard_normal((4, 16)).astype(np.float32)
+    ref = create_session(model, weights, {"x": [4, 16]}, backend="onnxruntime").run({"x": x})
+
+    first = runtime.MaxSession(model, weights, {"x": [4, 16]}, name="skip", isolate=True, source="files-A")
+    assert not first.stats.planned
+    assert len(list(mef_dir.glob("*.plan.npz"))) == 1
+    assert not [p for p in mef_dir.iterdir() if p.name.startswith("plan-")]      # nothing half-written
+
+    runtime.clear_memory_cache()                       # as in a new process
+    monkeypatch.setattr(runtime, "build_graph", _no_build)
+    again = runtime.MaxSession(model, weights, {"x": [4, 16]}, name="skip", isolate=True, source="files-A")
+    assert again.stats.planned and again.stats.cache == "mef" and again.pieces == 3
+    for name in ref:
+        np.testing.assert_allclose(again.run({"x": x})[name], ref[name], rtol=1e-5, atol=1e-6, err_msg=name)
+
+    # other verified bytes, other input shapes, or no source at all: no plan fits, so the graph is built
+    for source, shape in (("files-B", [4, 16]), ("files-A", [2, 16]), (None, [4, 16])):
+        with pytest.raises(AssertionError, match="was built"):
+            runtime.MaxSession(model, weights, {"x": shape}, name="skip", isolate=True, source=source)
+
+
+def test_a_plan_that_does_not_fit_is_dropped_and_the_graph_built(mef_dir, caplog) -> None:
+    model, weights = _skip_model()
+    x = np.random.default_rng(3).standard_normal((4, 16)).astype(np.float32)
+    want = runtime.MaxSession(model, weights, {"x": [4, 16]}, name="skip", isolate=True, source="s").run({"x": x})
+    (plan,) = mef_dir.glob("*.plan.npz")
+
+    plan.write_bytes(b"not an npz")                    # damaged
+    runtime.clear_memory_cache()
+    with caplog.at_level(logging.WARNING, logger="sdsecure.engine.plan_cache"):
+        built = runtime.MaxSession(model, weights, {"x": [4, 16]}, name="skip", isolate=True, source="s")
+    assert "unusable" in caplog.text and not built.stats.planned
+    assert plan.is_file() and plan.read_bytes()[:2] == b"PK"      # stored again, whole
+    np.testing.assert_array_equal(built.run({"x": x})["mid"], want["mid"])
+
+    for mef in mef_dir.glob("*.mef"):                  # the MEFs it names are gone: compiled again
+        mef.unlink()
+    runtime.clear_memory_cache()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sdsecure.engine.runtime"):
+        rebuilt = runtime.MaxSession(model, weights, {"x": [4, 16]}, name="skip", isolate=True, source="s")
+    assert "no longer cached" in caplog.text and not rebuilt.stats.planned
+    assert rebuilt.stats.cache == "compiled" and len(list(mef_dir.glob("*.mef"))) == 3
+    np.testing.assert_array_equal(rebuilt.run({"x": x})["mid"], want["mid"])
+
+
+def test_plans_store_derived_weights_and_refuse_missing_constants(mef_dir) -> None:
+    from sdsecure.engine import plan_cache
+
+    folded = _folded()
+    derived = np.arange(6, dtype=np.float32).reshape(2, 3)
+    weights = {"w0": folded.consts["w0"], "derived.1": derived}
+    plan = plan_cache.piece_plan("k" * 64, folded, weights)
+    assert plan.named == ["w0"] and list(plan.derived) == ["derived.1"]
+    plan_cache.save("abc", [plan])
+    (loaded,) = plan_cache.load("abc")
+    bound = plan_cache.bind(loaded, folded)
+    assert bound["w0"] is folded.consts["w0"]                          # the graph's own array, no copy
+    np.testing.assert_array_equal(bound["derived.1"], derived)
+    del folded.consts["w0"]
+    with pytest.raises(plan_cache.PlanMismatch, match="'w0'"):
+        plan_cache.bind(loaded, folded)
+
+
+def test_the_plan_key_follows_source_graph_pieces_and_engine_code(monkeypatch) -> None:
+    from sdsecure.engine import plan_cache
+
+    folded = _folded()
+    key = plan_cache.plan_key(folded, "src", 3, "cpu")
+    assert key == plan_cache.plan_key(_folded(), "src", 3, "cpu")
+    assert key != plan_cache.plan_key(folded, "other", 3, "cpu")
+    assert key != plan_cache.plan_key(folded, "src", 2, "cpu")
+    smaller = specialize(*_skip_model(), {"x": [2, 16]})
+    assert key != plan_cache.plan_key(smaller, "src", 3, "cpu")
+    monkeypatch.setattr(plan_cache, "engine_fingerprint", lambda: "changed importer")
+    assert key != plan_cache.plan_key(folded, "src", 3, "cpu")

@@ -207,13 +207,34 @@ def test_a_large_pipeline_compiles_every_component_in_child_processes(model, mon
     import sdsecure.engine as engine
     from sdsecure.engine import runtime
 
-    seen = {}
+    seen, sources = {}, {}
 
-    def record(model_proto, weights, shapes, *, name="", isolate=None, **kwargs):
+    def record(model_proto, weights, shapes, *, name="", isolate=None, source=None, **kwargs):
         seen[name] = isolate
+        sources[name] = source
         return object()
 
     monkeypatch.setattr(runtime, "ISOLATE_MIN_WEIGHT_BYTES", threshold)
     monkeypatch.setattr(engine, "create_session", record)
     StableDiffusion15(model, backend="max", height=SIZE, width=SIZE)
     assert seen == {"text_encoder": expected, "unet": expected, "vae_decoder": expected}
+    # each component names the verified bytes it came from, so that a stored build plan can be reused
+    assert sources == {c: model.source_digest(f"{c}/model.onnx") for c in seen}
+    assert len(set(sources.values())) == 3
+
+
+def test_source_digest_names_the_files_of_one_component(model):
+    import dataclasses
+
+    from sdsecure.gate.blob import Blob
+
+    unet = model.source_digest("unet/model.onnx")
+    assert unet == model.source_digest("unet/model.onnx") != model.source_digest("vae_decoder/model.onnx")
+    changed = dict(model.files)
+    changed["unet/extra.bin"] = Blob.from_bytes(b"x")                    # any file in its folder counts
+    assert dataclasses.replace(model, files=changed).source_digest("unet/model.onnx") != unet
+    changed = dict(model.files)
+    changed["vae_decoder/model.onnx"] = Blob.from_bytes(b"other")          # other folders do not
+    assert dataclasses.replace(model, files=changed).source_digest("unet/model.onnx") == unet
+    with pytest.raises(UserError, match="no file"):
+        model.source_digest("unet/missing.onnx")

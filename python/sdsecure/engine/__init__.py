@@ -37,14 +37,18 @@ def prepare(model, weights: Mapping[str, np.ndarray], input_shapes: Mapping[str,
 
 
 def create_session(model, weights: Mapping[str, np.ndarray], input_shapes: Mapping[str, Sequence[int]], *,
-                   backend: str = "max", name: str = "", prepared=None, isolate: bool | None = None) -> Session:
+                   backend: str = "max", name: str = "", prepared=None, isolate: bool | None = None,
+                   source: str | None = None) -> Session:
     """A runnable session for `model` specialised to `input_shapes` (see the module docstring).
     MAX only: `prepared` is the result of prepare() for the same arguments (not folded again);
-    `isolate` compiles in child processes, in pieces (None: when the model's own weights are large)."""
+    `isolate` compiles in child processes, in pieces (None: when the model's own weights are large);
+    `source` identifies the bytes `model` and `weights` came from (VerifiedModel.source_digest): with it,
+    an isolated session stores its build plan and a later one skips the build (engine.plan_cache)."""
     if backend == "max":
         from sdsecure.engine.runtime import MaxSession
 
-        return MaxSession(model, weights, input_shapes, name=name, prepared=prepared, isolate=isolate)
+        return MaxSession(model, weights, input_shapes, name=name, prepared=prepared, isolate=isolate,
+                          source=source)
     if backend in ("onnxruntime", "ort"):
         from sdsecure.engine.ort import OrtSession
 

@@ -87,13 +87,15 @@ class FoldedGraph:
     initializers: set[str] = field(default_factory=set)   # names in `consts` that are model weights
     alias: dict[str, str] = field(default_factory=dict)   # Identity output -> source tensor
     untyped: set[str] = field(default_factory=set)        # outputs of nodes that could not be typed
-    filling: list[Future] = field(default_factory=list)   # consts still being computed (engine.fuse)
+    filling: dict[str, Future] = field(default_factory=dict)   # consts still being computed (engine.fuse)
 
     def wait_filled(self) -> None:
-        """Return once every constant has its value (engine.fuse computes new filters in the background;
-        their shapes are known before). Raises what a computation raised."""
-        for future in self.filling:
-            future.result()
+        """Return once every constant of this graph has its value (engine.fuse computes new filters in the
+        background; their shapes are known before). A piece (engine.partition) waits for its own only.
+        Raises what a computation raised."""
+        for name, future in self.filling.items():
+            if name in self.consts:
+                future.result()
 
     def resolve(self, name: str) -> str:
         while name in self.alias:

@@ -325,7 +325,7 @@ def fuse(folded: FoldedGraph) -> FoldedGraph:
     """Apply every rewrite; returns `folded` changed in place (nodes, consts, infos)."""
     idx = _Index(folded)
     replaced: dict[int, onnx.NodeProto | None] = {}
-    fills: list[Callable[[], object]] = []
+    fills: list[tuple[list[str], Callable[[], object]]] = []
     for node in folded.nodes:
         if id(node) in replaced:
             continue
@@ -347,10 +347,13 @@ def fuse(folded: FoldedGraph) -> FoldedGraph:
             folded.infos[k] = TensorInfo(v.shape, v.dtype)
             folded.initializers.add(k)
         if fill is not None:
-            fills.append(fill)
+            fills.append((list(consts), fill))
     # The new filters (0.03-0.1 s per 59 MB, mostly memory traffic) are computed on other threads while
     # the graph is built: building needs their shapes only. FoldedGraph.wait_filled before reading them.
-    folded.filling = [_filler().submit(fill) for fill in fills]
+    folded.filling = {}
+    for names, fill in fills:
+        future = _filler().submit(fill)
+        folded.filling.update((n, future) for n in names)
     if replaced:
         new_nodes = []
         for n in folded.nodes:

@@ -8,7 +8,9 @@ byte-identical graph text), so a second process pays seconds, not minutes.
 
 Large models (ISOLATE_MIN_WEIGHT_BYTES of weights and more: the SD 1.5 UNet) are compiled in child
 processes instead, in pieces (engine.partition), each kept as a MEF file (engine.mef_cache): the
-compiler's memory never adds to the weights', and no single compile sees the whole graph.
+compiler's memory never adds to the weights', and no single compile sees the whole graph. Given the
+`source` of its bytes, such a session also stores a build plan (engine.plan_cache), and the next
+process with the same verified files binds the MEFs without building the graph at all.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import onnx
 
 from sdsecure.engine.fold import FoldedGraph, specialize
 from sdsecure.engine.fuse import fuse
-from sdsecure.engine import mef_cache
+from sdsecure.engine import mef_cache, plan_cache
 from sdsecure.engine.importer import build_graph, check_supported, output_infos
 from sdsecure.engine.partition import split
 from sdsecure.errors import UserError
@@ -35,8 +37,8 @@ from sdsecure.errors import UserError
 log = logging.getLogger(__name__)
 
 GRAPH_NAME = "sdsecure_onnx"
-_LOCK = threading.Lock()
-_COMPILED: dict[tuple[str, str], object] = {}       # (graph sha256, device) -> compiled model
+_LOCK = threading.RLock()         # re-entered by _compile through _compiled_mef
+_COMPILED: dict[tuple, object] = {}      # (graph sha256, device) or ("mef", MEF key, device) -> compiled model
 _SESSIONS: dict[str, object] = {}
 _SESSIONS_LOCK = threading.Lock()
 
@@ -85,6 +87,7 @@ class CompileStats:
         self.init_s = 0.0
         self.fill_wait_s = 0.0   # init waiting for engine.fuse's filters (computed while the graph is built)
         self.cache = ""          # "memory" (this process), "mef" (sdsecure's disk cache) or "compiled"
+        self.planned = False     # bound from a stored build plan (engine.plan_cache): nothing was built
         self.child_peak_rss_mib = 0
 
     def note(self, how: str) -> None:
@@ -113,18 +116,18 @@ class _Piece:
 class MaxSession:
     def __init__(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
                  input_shapes: Mapping[str, Sequence[int]], *, name: str = "", device: str = "cpu",
-                 prepared: FoldedGraph | None = None, isolate: bool | None = None):
+                 prepared: FoldedGraph | None = None, isolate: bool | None = None, source: str | None = None):
         # MAX's MLIR context is thread-local and entered only on the thread that imported max.graph;
         # streamlit runs each script run on another thread, where building a graph then fails with
         # "No active MLIR context". MAX's own helper enters its default context when none is active.
         from max._mlir_context import ensure_default_mlir_context
 
         with ensure_default_mlir_context():
-            self._load(model, weights, input_shapes, name, device, prepared, isolate)
+            self._load(model, weights, input_shapes, name, device, prepared, isolate, source)
 
     def _load(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
               input_shapes: Mapping[str, Sequence[int]], name: str, device: str,
-              prepared: FoldedGraph | None, isolate: bool | None) -> None:
+              prepared: FoldedGraph | None, isolate: bool | None, source: str | None) -> None:
         from max.graph import DeviceRef
 
         self.name = name or model.graph.name or "model"
@@ -142,69 +145,119 @@ class MaxSession:
         pieces = split(folded, math.ceil(len(folded.nodes) / piece_nodes())) if isolate else [folded]
         self.stats.build_s = time.perf_counter() - t0
         session = _inference_session(device)
+        key = plan_cache.plan_key(folded, source, len(pieces), device) if isolate and source else None
+        planned = self._planned(session, pieces, key, device) if key else None
         # MAX initialises a model (binding weights, repacking conv filters) on one thread, without the
-        # GIL: a piece initialises in the background (once fuse's filters are ready) while the next is
-        # built and compiled, the heaviest first (it holds most of the UNet's conv filters).
-        order = sorted(range(len(pieces)), key=lambda k: -weight_bytes(pieces[k]))
+        # GIL: a piece initialises in the background, once its own new filters are filled (engine.fuse),
+        # while the next piece is built and compiled, the heaviest first (it holds most of the UNet's
+        # conv filters). A planned start builds nothing: pieces initialise in graph order, the order in
+        # which their filters are filled.
+        order = range(len(pieces)) if planned else sorted(range(len(pieces)), key=lambda k: -weight_bytes(pieces[k]))
         models: dict[int, tuple[dict[str, np.ndarray], Future]] = {}
+        plans: list[plan_cache.PiecePlan | None] = [None] * len(pieces)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="max-init") as initializer:
             for k in order:
-                label = self.name if len(pieces) == 1 else f"{self.name} piece {k + 1}/{len(pieces)}"
-                t1 = time.perf_counter()
-                # The graph name is part of the graph text (and so of MAX's cache key): keep it independent
-                # of the caller's label so that the same model at the same shapes always hits the same entry.
-                graph, piece_weights = build_graph(pieces[k], DeviceRef.CPU(), graph_name=GRAPH_NAME)
-                t2 = time.perf_counter()
-                self.stats.build_s += t2 - t1
-                compiled = self._compile(session, graph, str(graph), device, label, isolate)
-                self.stats.compile_s += time.perf_counter() - t2
-                models[k] = (piece_weights, initializer.submit(self._init, session, compiled, piece_weights))
+                if planned:
+                    compiled, piece_weights = planned[k]
+                else:
+                    label = self.name if len(pieces) == 1 else f"{self.name} piece {k + 1}/{len(pieces)}"
+                    t1 = time.perf_counter()
+                    # The graph name is part of the graph text (and so of MAX's cache key): keep it independent
+                    # of the caller's label so that the same model at the same shapes always hits the same entry.
+                    graph, piece_weights = build_graph(pieces[k], DeviceRef.CPU(), graph_name=GRAPH_NAME)
+                    t2 = time.perf_counter()
+                    self.stats.build_s += t2 - t1
+                    compiled, mef_key = self._compile(session, graph, str(graph), device, label, isolate)
+                    self.stats.compile_s += time.perf_counter() - t2
+                    if key and mef_key:
+                        plans[k] = plan_cache.piece_plan(mef_key, pieces[k], piece_weights)
+                models[k] = (piece_weights, initializer.submit(self._init, session, compiled, piece_weights, pieces[k]))
             self._pieces: list[_Piece] = [_Piece(models[k][1].result(), list(piece.inputs), list(piece.outputs),
                                                  models[k][0]) for k, piece in enumerate(pieces)]
+        if key and not planned and all(p is not None for p in plans):
+            plan_cache.save(key, plans)
         self._last_reader = _last_readers(self._pieces, set(self.output_names) |
                                           {folded.resolve(o) for o in self.output_names})
-        log.info("%s ready: build %.1f s, compile %.1f s (%s), init %.1f s", self.name, self.stats.build_s,
-                 self.stats.compile_s, self.stats.cache, self.stats.init_s)
+        log.info("%s ready: build %.1f s%s, compile %.1f s (%s), init %.1f s", self.name, self.stats.build_s,
+                 " (planned)" if planned else "", self.stats.compile_s, self.stats.cache, self.stats.init_s)
 
-    def _init(self, session, compiled, weights: dict[str, np.ndarray]):
+    def _planned(self, session, pieces: list[FoldedGraph], key: str, device: str):
+        """Each piece's compiled model and weights from the stored build plan, or None (no plan, or one
+        that does not fit: it is removed, and the caller builds)."""
+        plans = plan_cache.load(key)
+        if plans is None:
+            return None
+        try:
+            if len(plans) != len(pieces):
+                raise plan_cache.PlanMismatch(f"{len(plans)} pieces planned, {len(pieces)} wanted")
+            out = []
+            for plan, piece in zip(plans, pieces):
+                weights = plan_cache.bind(plan, piece)
+                t = time.perf_counter()
+                compiled = self._compiled_mef(session, plan.mef_key, device)
+                self.stats.compile_s += time.perf_counter() - t
+                if compiled is None:
+                    raise plan_cache.PlanMismatch(f"MEF {plan.mef_key[:12]} is no longer cached")
+                out.append((compiled, weights))
+        except plan_cache.PlanMismatch as e:
+            log.warning("%s: stored build plan unusable (%s); building the graph", self.name, e)
+            plan_cache.discard(key)
+            return None
+        self.stats.planned = True
+        return out
+
+    def _init(self, session, compiled, weights: dict[str, np.ndarray], piece: FoldedGraph):
         t = time.perf_counter()
-        self._folded.wait_filled()           # engine.fuse may still be computing new filters
+        piece.wait_filled()                  # engine.fuse may still be computing this piece's new filters
         self.stats.fill_wait_s += time.perf_counter() - t
         t = time.perf_counter()
         model = session.init(compiled, weights_registry=weights)
         self.stats.init_s += time.perf_counter() - t
         return model
 
+    def _compiled_mef(self, session, mef_key: str, device: str):
+        """The compiled model of a cached MEF, from this process's memory or the disk cache; None if gone."""
+        with _LOCK:
+            compiled = _COMPILED.get(("mef", mef_key, device))
+            if compiled is not None:
+                self.stats.note("memory")
+                return compiled
+            compiled = _load_mef(session, mef_cache.cached_mef(mef_key))
+            if compiled is not None:
+                self.stats.note("mef")
+                _COMPILED[("mef", mef_key, device)] = compiled
+            return compiled
+
     def _compile(self, session, graph, text: str, device: str, label: str, isolate: bool):
-        """The compiled form of one graph (`text` is str(graph)): from this process's memory, else
-        (isolated) from the MEF cache or a child-process compile, else from MAX in this process (MAX's
-        own disk cache)."""
+        """The compiled form of one graph (`text` is str(graph)) and, isolated, its MEF key: from this
+        process's memory or the MEF cache, else from a child-process compile; not isolated, from memory
+        or from MAX in this process (MAX's own disk cache)."""
+        if isolate:
+            mef_key = mef_cache.mef_key(text, device)
+            with _LOCK:
+                compiled = self._compiled_mef(session, mef_key, device)
+                if compiled is not None:
+                    return compiled, mef_key
+                log.info("compiling %s with MAX in a child process (cold: minutes)", label)
+                path, child = mef_cache.compile_in_child(text, mef_key, label=label)
+                self.stats.child_peak_rss_mib = max(self.stats.child_peak_rss_mib, child.get("peak_rss_mib", 0))
+                compiled = _load_mef(session, path)
+                if compiled is None:
+                    raise mef_cache.CompileError(f"{label}: MAX cannot load the MEF it just wrote ({path})")
+                self.stats.note("compiled")
+                _COMPILED[("mef", mef_key, device)] = compiled
+                return compiled, mef_key
         key = (hashlib.sha256(text.encode()).hexdigest(), device)
         with _LOCK:
             compiled = _COMPILED.get(key)
             if compiled is not None:
                 self.stats.note("memory")
-                return compiled
-            if isolate:
-                mef_key = mef_cache.mef_key(text, device)
-                path = mef_cache.cached_mef(mef_key)
-                compiled = _load_mef(session, path) if path is not None else None
-                if compiled is not None:
-                    self.stats.note("mef")
-                else:
-                    log.info("compiling %s with MAX in a child process (cold: minutes)", label)
-                    path, child = mef_cache.compile_in_child(text, mef_key, label=label)
-                    self.stats.child_peak_rss_mib = max(self.stats.child_peak_rss_mib, child.get("peak_rss_mib", 0))
-                    compiled = _load_mef(session, path)
-                    if compiled is None:
-                        raise mef_cache.CompileError(f"{label}: MAX cannot load the MEF it just wrote ({path})")
-                    self.stats.note("compiled")
-            else:
-                log.info("compiling %s with MAX (a cold compile can take minutes; cached ones take seconds)", label)
-                compiled = session.compile(graph)
-                self.stats.note("compiled")
+                return compiled, None
+            log.info("compiling %s with MAX (a cold compile can take minutes; cached ones take seconds)", label)
+            compiled = session.compile(graph)
+            self.stats.note("compiled")
             _COMPILED[key] = compiled
-            return compiled
+            return compiled, None
 
     @property
     def pieces(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 from dataclasses import dataclass, field
@@ -85,6 +86,19 @@ class VerifiedModel:
         if length != count * dtype.itemsize or offset + length > blob.size:
             raise UserError(f"{t.name}: external data range does not match its shape")
         return np.frombuffer(blob.view(), dtype=dtype, count=count, offset=offset).reshape(tuple(t.dims))
+
+    def source_digest(self, path: str) -> str:
+        """sha256 naming the verified bytes an ONNX file and its external data came from: the hashes of
+        every file in its folder (external data must lie there or below; the gate checks)."""
+        if path not in self.files:
+            raise UserError(f"model {self.ref!r} has no file {path!r}")
+        folder = posixpath.dirname(path)
+        prefix = f"{folder}/" if folder else ""
+        h = hashlib.sha256()
+        for p in sorted(self.files):
+            if p.startswith(prefix):
+                h.update(f"{p}\0{self.files[p].sha256}\n".encode())
+        return h.hexdigest()
 
     # -- provenance ----------------------------------------------------------------------------
     def provenance(self) -> dict[str, str]:

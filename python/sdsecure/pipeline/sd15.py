@@ -232,7 +232,7 @@ class StableDiffusion15:
         def session(component: str):
             return create_session(protos[component], weights[component], self.input_shapes[component],
                                   backend=backend, name=component, prepared=prepared.get(component),
-                                  isolate=isolate)
+                                  isolate=isolate, source=model.source_digest(COMPONENT_FILES[component]))
 
         self.text_encoder = session("text_encoder")
         self.unet = session("unet")
