@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                            cold_env if cold else env)
             ort = run_child(common + ["--backend", "onnxruntime", "--out", str(tmp / f"{comp}_ort.npz")], env)
             print(f"{comp}: MAX start {mx['start_s']:.1f} s = load (gate: read + hash) {mx['load_s']:.1f} s + session "
-                  f"{mx['session_s']:.1f} s (fold/build {mx['build_s']:.1f}, cached compile {mx['compile_s']:.1f}, "
+                  f"{mx['session_s']:.1f} s (fold/{'plan' if mx.get('planned') else 'build'} {mx['build_s']:.1f}, cached compile {mx['compile_s']:.1f}, "
                   f"waiting for new filters {mx.get('fill_wait_s', 0):.1f}, init {mx['init_s']:.1f}; "
                   f"{mx.get('pieces', 1)} piece(s), {mx.get('cache')}); onnxruntime start {ort['start_s']:.1f} s "
                   f"(load {ort['load_s']:.1f}, session {ort['session_s']:.1f})", flush=True)
