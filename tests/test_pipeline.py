@@ -223,18 +223,33 @@ def test_a_large_pipeline_compiles_every_component_in_child_processes(model, mon
     assert len(set(sources.values())) == 3
 
 
-def test_source_digest_names_the_files_of_one_component(model):
+def test_source_digest_names_the_files_of_one_component(model, tmp_path):
     import dataclasses
+
+    from onnx import TensorProto, helper
 
     from sdsecure.gate.blob import Blob
 
     unet = model.source_digest("unet/model.onnx")
     assert unet == model.source_digest("unet/model.onnx") != model.source_digest("vae_decoder/model.onnx")
     changed = dict(model.files)
-    changed["unet/extra.bin"] = Blob.from_bytes(b"x")                    # any file in its folder counts
-    assert dataclasses.replace(model, files=changed).source_digest("unet/model.onnx") != unet
-    changed = dict(model.files)
-    changed["vae_decoder/model.onnx"] = Blob.from_bytes(b"other")          # other folders do not
+    changed["unet/notes.txt"] = Blob.from_bytes(b"x")                     # a file the graph does not use
     assert dataclasses.replace(model, files=changed).source_digest("unet/model.onnx") == unet
     with pytest.raises(UserError, match="no file"):
         model.source_digest("unet/missing.onnx")
+
+    # a graph whose weights live in another file, even outside its folder: that file's bytes count
+    w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4, 4], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", "../shared.bin"), ("offset", "0"), ("length", "64")):
+        w.external_data.add(key=key, value=value)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "model.onnx").write_bytes(helper.make_model(graph).SerializeToString())
+    (tmp_path / "shared.bin").write_bytes(np.ones((4, 4), np.float32).tobytes())
+    vm = verified_from_dir(tmp_path)
+    before = vm.source_digest("m/model.onnx")
+    files = dict(vm.files)
+    files["shared.bin"] = Blob.from_bytes(np.full((4, 4), 2, np.float32).tobytes())
+    assert dataclasses.replace(vm, files=files, _protos={}).source_digest("m/model.onnx") != before

@@ -349,7 +349,8 @@ def fuse(folded: FoldedGraph) -> FoldedGraph:
         if fill is not None:
             fills.append((list(consts), fill))
     # The new filters (0.03-0.1 s per 59 MB, mostly memory traffic) are computed on other threads while
-    # the graph is built: building needs their shapes only. FoldedGraph.wait_filled before reading them.
+    # the graph is built (or its stored plan loaded): that needs their shapes only. FoldedGraph.wait_filled
+    # before reading them.
     folded.filling = {}
     for names, fill in fills:
         future = _filler().submit(fill)

@@ -88,16 +88,20 @@ class VerifiedModel:
         return np.frombuffer(blob.view(), dtype=dtype, count=count, offset=offset).reshape(tuple(t.dims))
 
     def source_digest(self, path: str) -> str:
-        """sha256 naming the verified bytes an ONNX file and its external data came from: the hashes of
-        every file in its folder (external data must lie there or below; the gate checks)."""
-        if path not in self.files:
-            raise UserError(f"model {self.ref!r} has no file {path!r}")
+        """sha256 naming the verified bytes an ONNX file and its weights came from: the hashes of the file
+        and of every file its tensors keep their data in (engine.plan_cache keys build plans by it)."""
+        from onnx.external_data_helper import _get_all_tensors, uses_external_data  # noqa: PLC2701 - subgraphs too
+
         folder = posixpath.dirname(path)
-        prefix = f"{folder}/" if folder else ""
+        used = {path}
+        for t in _get_all_tensors(self.onnx_model(path)):
+            if uses_external_data(t):
+                location = {e.key: e.value for e in t.external_data}.get("location", "")
+                used.add(posixpath.normpath(posixpath.join(folder, location)))
         h = hashlib.sha256()
-        for p in sorted(self.files):
-            if p.startswith(prefix):
-                h.update(f"{p}\0{self.files[p].sha256}\n".encode())
+        for p in sorted(used):
+            blob = self.files.get(p)
+            h.update(f"{p}\0{blob.sha256 if blob is not None else 'missing'}\n".encode())
         return h.hexdigest()
 
     # -- provenance ----------------------------------------------------------------------------
