@@ -29,7 +29,7 @@ import onnx
 
 from sdsecure.engine.fold import FoldedGraph, specialize
 from sdsecure.engine.fuse import fuse
-from sdsecure.engine import mef_cache, plan_cache
+from sdsecure.engine import helper_threads, mef_cache, plan_cache
 from sdsecure.engine.importer import build_graph, check_supported, output_infos
 from sdsecure.engine.partition import split
 from sdsecure.errors import UserError
@@ -178,6 +178,7 @@ class MaxSession:
             plan_cache.save(key, plans)
         self._last_reader = _last_readers(self._pieces, set(self.output_names) |
                                           {folded.resolve(o) for o in self.output_names})
+        self._ran = False
         log.info("%s ready: build %.1f s%s, compile %.1f s (%s), init %.1f s", self.name, self.stats.build_s,
                  " (planned)" if planned else "", self.stats.compile_s, self.stats.cache, self.stats.init_s)
 
@@ -270,11 +271,15 @@ class MaxSession:
                                {n: i.shape for n, i in zip(self.input_names, self._input_infos)},
                                {n: i.dtype for n, i in zip(self.input_names, self._input_infos)})
         values = {n: Buffer.from_numpy(a) for n, a in zip(self.input_names, arrays)}
+        before = None if self._ran else helper_threads.native_threads()
         for k, piece in enumerate(self._pieces):
             outs = piece.model.execute(*[values[n] for n in piece.inputs])
             values.update(zip(piece.outputs, outs))
             for n in self._last_reader.get(k, ()):   # intermediate values nobody reads any more
                 values.pop(n, None)
+        if before is not None:         # MAX starts its helper thread on a first execute
+            self._ran = True
+            helper_threads.demote_new_helpers(before)
         result = {}
         for name in self.output_names:
             src = name if name in values else self._folded.resolve(name)
