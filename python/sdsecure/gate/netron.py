@@ -90,10 +90,14 @@ def serve(data: bytes, filename: str, port: int = 0) -> NetronServer:
 def wait_forever() -> None:
     """Block until Ctrl-C or SIGTERM (both arrive as KeyboardInterrupt; the caller stops the server)."""
     import signal
+    import time
 
     def _term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
     while True:
-        signal.pause()
+        # Not signal.pause(): a signal that lands after Python's last check but before pause() starts
+        # is handled at C level only, and pause() then waits for another one (a CI run hung 30 s so).
+        # A sleep returns within the half second and Python runs the pending handler.
+        time.sleep(0.5)
