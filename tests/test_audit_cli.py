@@ -279,6 +279,29 @@ def test_netron_serves_verified_bytes_on_localhost_and_stops(mismatched_sd):
             proc.wait()
 
 
+def test_netron_wait_stops_on_sigint_even_when_started_with_sigint_ignored():
+    # A non-interactive shell starts background jobs with SIGINT ignored, and Python keeps it so: the
+    # server must still stop on Ctrl-C / SIGINT (CI launched that way hung in the test above).
+    import time
+
+    code = "from sdsecure.gate.netron import wait_forever\nprint('ready', flush=True)\nwait_forever()"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT / "python")}
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        deadline = time.monotonic() + 20
+        while proc.poll() is None and time.monotonic() < deadline:   # again until the handler is in place
+            proc.send_signal(signal.SIGINT)
+            time.sleep(0.2)
+        assert proc.poll() is not None, "SIGINT did not stop wait_forever"
+        assert "KeyboardInterrupt" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
 def test_console_script_is_declared():
     text = (REPO_ROOT / "pyproject.toml").read_text()
     assert 'sdsecure-audit = "sdsecure.cli.audit:main"' in text

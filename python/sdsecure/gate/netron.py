@@ -96,8 +96,11 @@ def wait_forever() -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _term)
+    # A process started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # Python then leaves it ignored: Ctrl-C (or a supervisor's SIGINT) would never stop the server.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     while True:
         # Not signal.pause(): a signal that lands after Python's last check but before pause() starts
-        # is handled at C level only, and pause() then waits for another one (a CI run hung 30 s so).
-        # A sleep returns within the half second and Python runs the pending handler.
+        # is handled at C level only, and pause() then waits for another one. A sleep returns within
+        # the half second and Python runs the pending handler.
         time.sleep(0.5)
