@@ -18,14 +18,9 @@ WIDE = 192            # 192 x 192 x 3 x 3 float32 = 1.3 MB: just over TAP_CONV_M
 
 
 def _taps_numpy(x: np.ndarray, taps: np.ndarray) -> np.ndarray:
-    """What conv_nhwc builds, in float64 numpy, on x [N, C, H, W]: sum over taps of shifted x times T[t]."""
-    n, c, h, w = x.shape
-    p = np.pad(x.astype(np.float64), ((0, 0), (0, 0), (1, 1), (1, 1)))
-    out = np.zeros((n, taps.shape[2], h, w))
-    for r in range(3):
-        for s in range(3):
-            out += np.einsum("nchw,cf->nfhw", p[:, :, r:r + h, s:s + w], taps[3 * r + s].astype(np.float64))
-    return out
+    """What conv_nhwc builds, in float64 numpy, on x [N, C, H, W]: sum over taps of shifted x times T[t],
+    i.e. the 3x3 conv by the filter w[f, c, r, s] = T[3r + s, c, f]."""
+    return _conv3x3_reference(x, taps.reshape(3, 3, *taps.shape[1:]).transpose(3, 2, 0, 1))
 
 
 def test_the_taps_are_the_filter_columns_and_compute_the_conv() -> None:
