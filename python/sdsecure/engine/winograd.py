@@ -30,8 +30,8 @@ _MIX = np.einsum("rk,sl->rskl", G, G).reshape(16, 9)                            
 
 def filters(w: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """The transformed filter U [16, C, F] of a 3x3 filter `w` [F, C, 3, 3]: U[4r + s, c, f] = (G w[f, c] Gt)[r, s],
-    one matmul [16, 9] x [9, C*F] per chunk of channels (G's entries are multiples of 1/2, exact in float32).
-    Written into `out` when given."""
+    the 16 combinations of the 9 taps in tap_conv.filters, a chunk of channels at a time (G's entries are
+    multiples of 1/2, so the sums are exact in float32). Written into `out` when given."""
     return tap_conv.filters(w, _MIX, out)
 
 

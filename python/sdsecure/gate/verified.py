@@ -74,11 +74,10 @@ class VerifiedModel:
 
         if not uses_external_data(t):
             return numpy_helper.to_array(t)
-        info = {e.key: e.value for e in t.external_data}
-        blob_path = posixpath.normpath(posixpath.join(folder, info["location"]))
+        info, blob_path = _external_data(t, folder)
         blob = self.files.get(blob_path)
         if blob is None:
-            raise UserError(f"{t.name}: external data {info['location']!r} is not part of the verified model")
+            raise UserError(f"{t.name}: external data {info.get('location', '')!r} is not part of the verified model")
         dtype = np.dtype(_ONNX_NP_DTYPE[t.data_type])
         offset = int(info.get("offset", 0))
         count = int(np.prod(t.dims, dtype=np.int64)) if len(t.dims) else 1
@@ -96,8 +95,7 @@ class VerifiedModel:
         used = {path}
         for t in _get_all_tensors(self.onnx_model(path)):
             if uses_external_data(t):
-                location = {e.key: e.value for e in t.external_data}.get("location", "")
-                used.add(posixpath.normpath(posixpath.join(folder, location)))
+                used.add(_external_data(t, folder)[1])
         h = hashlib.sha256()
         for p in sorted(used):
             blob = self.files.get(p)
@@ -117,3 +115,10 @@ class VerifiedModel:
 
 def files_manifest(files: Mapping[str, Blob]) -> dict[str, dict[str, Any]]:
     return {p: {"sha256": b.sha256, "size": b.size} for p, b in sorted(files.items())}
+
+
+def _external_data(t, folder: str) -> tuple[dict[str, str], str]:
+    """A tensor's external_data entries, and the model path of the file they name (relative to `folder`,
+    the ONNX file's)."""
+    info = {e.key: e.value for e in t.external_data}
+    return info, posixpath.normpath(posixpath.join(folder, info.get("location", "")))
