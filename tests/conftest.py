@@ -6,6 +6,7 @@ torch. Paths are plain `Path`s, read-only: copy a fixture to tmp_path before cha
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,25 @@ def _online_unless_a_test_says_otherwise(monkeypatch: pytest.MonkeyPatch) -> Non
     """Tests talk only to our loopback Hub server; HF_HUB_OFFLINE from the caller's shell (the demo
     sets it) must not leak into the hub tests, which set it themselves where offline is the point."""
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+
+class _Messages(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture
+def progress_messages():
+    """What the engine tells the "sdsecure.progress" log (the CLI shows it on stderr), in order. Read
+    from the logger itself: once a CLI test has set it up, it no longer propagates to pytest's caplog."""
+    logger = logging.getLogger("sdsecure.progress")
+    handler, level = _Messages(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler.messages
+    logger.removeHandler(handler)
+    logger.setLevel(level)

@@ -5,6 +5,7 @@ cache survives a bad file and reports a failed compile."""
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import onnx
@@ -93,15 +94,23 @@ def mef_dir(tmp_path, monkeypatch):
     runtime.clear_memory_cache()
 
 
-def test_isolated_pieces_compute_what_the_whole_graph_computes(mef_dir, caplog) -> None:
+def test_isolated_pieces_compute_what_the_whole_graph_computes(mef_dir, caplog, progress_messages,
+                                                               monkeypatch) -> None:
     model, weights = _skip_model()
     x = np.random.default_rng(1).standard_normal((4, 16)).astype(np.float32)
     ref = create_session(model, weights, {"x": [4, 16]}, backend="onnxruntime").run({"x": x})
 
     whole = create_session(model, weights, {"x": [4, 16]}, backend="max")
     assert not whole.isolated and whole.pieces == 1                     # small weights: in process
+    monkeypatch.setattr(runtime, "COMPILE_NOTICE_S", 0.0)               # every compile counts as slow here
+    progress_messages.clear()
     pieced = runtime.MaxSession(model, weights, {"x": [4, 16]}, name="skip", isolate=True)
     assert pieced.pieces == 3                                           # 13 nodes, 5 per piece
+    # each cold compile in a child process is announced, and timed when done
+    announced = [m for m in progress_messages if m.startswith("compiling skip piece ")]
+    finished = [m for m in progress_messages if " compiled in " in m]
+    assert sorted(m.split()[3] for m in announced) == ["1/3", "2/3", "3/3"], progress_messages
+    assert sorted(m.split()[2] for m in finished) == ["1/3", "2/3", "3/3"], progress_messages
     assert pieced.stats.cache == "compiled"
     assert 0 < pieced.stats.child_peak_rss_mib < 8 * 1024
     assert len(list(mef_dir.glob("*.mef"))) == 3
@@ -116,8 +125,10 @@ def test_isolated_pieces_compute_what_the_whole_graph_computes(mef_dir, caplog) 
 
     # a new process would find the MEFs on disk: so does this one once its memory cache is gone
     runtime.clear_memory_cache()
+    progress_messages.clear()
     again = runtime.MaxSession(model, weights, {"x": [4, 16]}, name="skip", isolate=True)
     assert again.stats.cache == "mef" and again.stats.child_peak_rss_mib == 0
+    assert progress_messages == []                                      # nothing compiled: nothing to wait for
 
     # a damaged MEF is not trusted to load: it is removed and that piece compiled again
     victim = sorted(mef_dir.glob("*.mef"))[0]
@@ -129,6 +140,24 @@ def test_isolated_pieces_compute_what_the_whole_graph_computes(mef_dir, caplog) 
     assert set(healed.stats.cache.split("+")) == {"mef", "compiled"}
     for name in ref:
         np.testing.assert_allclose(healed.run({"x": x})[name], ref[name], rtol=1e-5, atol=1e-6)
+
+
+def test_a_compile_still_running_after_the_notice_delay_is_announced_and_timed(progress_messages,
+                                                                            monkeypatch) -> None:
+    monkeypatch.setattr(runtime, "COMPILE_NOTICE_S", 0.05)
+    with runtime.compile_notice("unet piece 2/3"):
+        time.sleep(0.3)
+    assert len(progress_messages) == 2, progress_messages
+    assert progress_messages[0].startswith("compiling unet piece 2/3 with MAX: a cold compile takes minutes")
+    assert progress_messages[1] == "unet piece 2/3 compiled in 0 s"
+
+
+def test_a_compile_done_before_the_notice_delay_says_nothing(progress_messages, monkeypatch) -> None:
+    monkeypatch.setattr(runtime, "COMPILE_NOTICE_S", 0.2)
+    with runtime.compile_notice("text_encoder"):
+        pass
+    time.sleep(0.4)                      # past the delay: the notice was cancelled, not just late
+    assert progress_messages == []
 
 
 def test_a_failed_child_compile_names_the_graph_and_says_why(mef_dir) -> None:

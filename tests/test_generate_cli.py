@@ -272,3 +272,31 @@ def test_console_script_names_itself_in_errors(capsys, monkeypatch, no_gate):
     monkeypatch.setattr(sys, "argv", ["python/text_to_image_secure.py"])
     rc, _, stderr = run_cli(["--prompt", ""], capsys)
     assert stderr.strip().splitlines()[-1].startswith("text_to_image_secure.py: ")
+
+
+@pytest.fixture
+def restored_logging():
+    """setup_logging changes process-wide logging: put it back afterwards."""
+    import logging
+
+    root, progress = logging.getLogger(), logging.getLogger("sdsecure.progress")
+    saved = (root.level, list(root.handlers), progress.level, list(progress.handlers), progress.propagate)
+    yield
+    root.setLevel(saved[0])
+    root.handlers[:] = saved[1]
+    progress.setLevel(saved[2])
+    progress.handlers[:] = saved[3]
+    progress.propagate = saved[4]
+
+
+@pytest.mark.parametrize("verbose, quiet, shown", [(0, False, True), (1, False, True), (0, True, False)])
+def test_progress_on_long_work_is_shown_once_on_stderr_unless_quiet(capsys, restored_logging, verbose, quiet, shown):
+    import logging
+
+    from sdsecure.cli.common import setup_logging
+
+    setup_logging(verbose, quiet=quiet)
+    logging.getLogger("sdsecure.progress").info("compiling unet piece 1/3 with MAX")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == ("sdsecure: compiling unet piece 1/3 with MAX\n" if shown else "")

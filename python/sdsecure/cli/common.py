@@ -96,6 +96,17 @@ def setup_logging(verbosity: int = 0, *, quiet: bool = False) -> None:
     handler._sdsecure = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
+    # progress on long work (a cold compile: minutes) is shown unless --quiet, as plain "sdsecure:" lines
+    progress = logging.getLogger("sdsecure.progress")
+    for h in list(progress.handlers):
+        if getattr(h, "_sdsecure", False):
+            progress.removeHandler(h)
+    shown = logging.StreamHandler(sys.stderr)
+    shown.setFormatter(logging.Formatter("sdsecure: %(message)s"))
+    shown._sdsecure = True  # type: ignore[attr-defined]
+    progress.addHandler(shown)
+    progress.setLevel(logging.ERROR if quiet else logging.INFO)
+    progress.propagate = False
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

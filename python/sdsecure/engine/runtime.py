@@ -22,7 +22,8 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Mapping, Sequence
+from contextlib import contextmanager
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -35,6 +36,10 @@ from sdsecure.engine.partition import split
 from sdsecure.errors import UserError
 
 log = logging.getLogger(__name__)
+# What a person waiting should see (the CLI shows this log on stderr without -v): a compile still running
+# after COMPILE_NOTICE_S is a cold one, which takes minutes; a cached one is done before and says nothing.
+progress = logging.getLogger("sdsecure.progress")
+COMPILE_NOTICE_S = 5.0
 
 GRAPH_NAME = "sdsecure_onnx"
 _LOCK = threading.RLock()         # re-entered by _compile through _compiled_mef
@@ -240,7 +245,8 @@ class MaxSession:
                 if compiled is not None:
                     return compiled, mef_key
                 log.info("compiling %s with MAX in a child process (cold: minutes)", label)
-                path, child = mef_cache.compile_in_child(text, mef_key, label=label)
+                with compile_notice(label):
+                    path, child = mef_cache.compile_in_child(text, mef_key, label=label)
                 self.stats.child_peak_rss_mib = max(self.stats.child_peak_rss_mib, child.get("peak_rss_mib", 0))
                 compiled = _load_mef(session, path)
                 if compiled is None:
@@ -255,7 +261,8 @@ class MaxSession:
                 self.stats.note("memory")
                 return compiled, None
             log.info("compiling %s with MAX (a cold compile can take minutes; cached ones take seconds)", label)
-            compiled = session.compile(graph)
+            with compile_notice(label):
+                compiled = session.compile(graph)
             self.stats.note("compiled")
             _COMPILED[key] = compiled
             return compiled, None
@@ -285,6 +292,30 @@ class MaxSession:
             src = name if name in values else self._folded.resolve(name)
             result[name] = values[src].to_numpy() if src in values else np.array(self._folded.consts[src])
         return result
+
+
+@contextmanager
+def compile_notice(label: str) -> Iterator[None]:
+    """Tell the progress log that `label` is compiling if it still is after COMPILE_NOTICE_S, and then how
+    long it took (nothing for a compile that finishes sooner: a cache hit)."""
+    t0 = time.perf_counter()
+    told = threading.Event()
+
+    def tell() -> None:
+        told.set()
+        progress.info("compiling %s with MAX: a cold compile takes minutes on a few cores; later runs reuse it",
+                      label)
+
+    timer = threading.Timer(COMPILE_NOTICE_S, tell)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()                     # a notice being written now is whole before the time is
+        if told.is_set():
+            progress.info("%s compiled in %.0f s", label, time.perf_counter() - t0)
 
 
 def _last_readers(pieces: list[_Piece], keep: set[str]) -> dict[int, list[str]]:
