@@ -7,6 +7,7 @@ the shapes the pipeline and engine tests compile, so it reuses their cached comp
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -300,3 +301,36 @@ def test_progress_on_long_work_is_shown_once_on_stderr_unless_quiet(capsys, rest
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err == ("sdsecure: compiling unet piece 1/3 with MAX\n" if shown else "")
+
+
+def test_a_long_compile_is_announced_on_stderr_without_verbose(tmp_path, capsys, monkeypatch, restored_logging):
+    """The CLI shows the engine's progress log by default: each graph whose compile outlasts the notice
+    delay (0 s here, so that MAX's cached compile of the embedded model counts) is announced and timed."""
+    from sdsecure.engine import runtime
+
+    monkeypatch.setattr(runtime, "COMPILE_NOTICE_S", 0.0)
+    runtime.clear_memory_cache()
+    out = tmp_path / "demo.png"
+    rc, stdout, stderr = run_cli(["--prompt", PROMPT, "--num-steps", "2", "--output", str(out)], capsys)
+    assert rc == 0, stderr
+    for graph in ("text_encoder", "unet", "vae_decoder"):
+        assert f"sdsecure: compiling {graph} with MAX: a cold compile takes minutes" in stderr, stderr
+        assert re.search(rf"^sdsecure: {graph} compiled in \d+ s$", stderr, re.M), stderr
+    assert "compiling" not in stdout
+
+
+def test_too_few_steps_for_the_scheduler_fail_before_any_compile(tmp_path, capsys, monkeypatch):
+    """PNDM needs 2 steps: said in one line (exit 2) before the graphs are prepared or compiled, not after
+    minutes of compiling; nothing is written."""
+    import sdsecure.engine
+
+    def no_engine(*_a, **_k):
+        raise AssertionError("the engine was reached")
+
+    monkeypatch.setattr(sdsecure.engine, "prepare", no_engine)
+    monkeypatch.setattr(sdsecure.engine, "create_session", no_engine)
+    out = tmp_path / "one.png"
+    rc, stdout, stderr = run_cli(["--prompt", PROMPT, "--num-steps", "1", "--output", str(out)], capsys)
+    assert rc == 2
+    assert "PNDM (PLMS) needs at least 2 steps" in stderr and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []

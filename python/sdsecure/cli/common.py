@@ -96,7 +96,12 @@ def setup_logging(verbosity: int = 0, *, quiet: bool = False) -> None:
     handler._sdsecure = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
-    # progress on long work (a cold compile: minutes) is shown unless --quiet, as plain "sdsecure:" lines
+    show_progress(quiet=quiet)
+
+
+def show_progress(*, quiet: bool = False) -> None:
+    """Progress on long work (the engine's "sdsecure.progress" log: a cold compile takes minutes) goes to
+    stderr as plain "sdsecure:" lines, whatever the log level, unless `quiet`."""
     progress = logging.getLogger("sdsecure.progress")
     for h in list(progress.handlers):
         if getattr(h, "_sdsecure", False):

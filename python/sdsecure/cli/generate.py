@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Sequence, TextIO
 
 from sdsecure import __version__
-from sdsecure.cli.common import ArgumentParser, run, setup_logging
+from sdsecure.cli.common import ArgumentParser, run, setup_logging, show_progress
 from sdsecure.errors import SecurityError, UserError
 
 DEFAULT_MODEL = "embedded"
@@ -200,7 +200,7 @@ def _generate(args: argparse.Namespace, output: Path, model: Any, say: TextIO, e
           + ("; the first run at a size compiles the graphs (minutes), later runs reuse the cache..."
              if args.backend == "max" else "..."), file=say)
     pipe = StableDiffusion15(model, backend=args.backend, height=args.height, width=args.width,
-                             scheduler=args.scheduler)
+                             scheduler=args.scheduler, num_steps=args.num_steps)
     t1 = time.perf_counter()
     image = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, num_steps=args.num_steps,
                           guidance_scale=args.guidance_scale, seed=args.seed)
@@ -233,6 +233,8 @@ def _main(argv: Sequence[str] | None, *, secure: bool = True) -> int:
         return e.code if isinstance(e.code, int) else 0
     if args.verbose:
         setup_logging(args.verbose)
+    else:
+        show_progress()
     if secure and args.list_safe_models:
         from sdsecure import models_catalog
 

@@ -163,7 +163,9 @@ def _text_progress() -> tuple[ProgressFn, Callable[[], None]]:
 
 class StableDiffusion15:
     def __init__(self, model: VerifiedModel, *, backend: str = "max", height: int = 512, width: int = 512,
-                 scheduler: str | None = None):
+                 scheduler: str | None = None, num_steps: int | None = None):
+        """`num_steps`: the steps the caller will ask for, checked against the scheduler here, before the
+        compile (minutes when cold) rather than after it (PNDM needs at least 2)."""
         from sdsecure.engine import create_session, prepare
 
         self.height, self.width = check_size(height, width)
@@ -178,6 +180,8 @@ class StableDiffusion15:
         except ValueError as e:   # JSONDecodeError, UnicodeDecodeError
             raise UserError(f"{SCHEDULER_CONFIG} of model {model.ref!r} is not valid JSON: {e}") from None
         self.scheduler: Scheduler = scheduler_from_config(self._scheduler_config, scheduler)
+        if num_steps is not None:
+            self.scheduler.set_timesteps(num_steps)
 
         te_proto = model.onnx_model(COMPONENT_FILES["text_encoder"])
         unet_proto = model.onnx_model(COMPONENT_FILES["unet"])
