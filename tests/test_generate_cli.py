@@ -303,6 +303,20 @@ def test_progress_on_long_work_is_shown_once_on_stderr_unless_quiet(capsys, rest
     assert captured.err == ("sdsecure: compiling unet piece 1/3 with MAX\n" if shown else "")
 
 
+def test_progress_goes_to_the_stderr_of_the_moment(restored_logging, monkeypatch):
+    """Not to the stream that was sys.stderr when logging was set up (a closed capture, a GUI's)."""
+    import io
+    import logging
+
+    from sdsecure.cli.common import show_progress
+
+    show_progress()
+    later = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", later)
+    logging.getLogger("sdsecure.progress").info("unet piece 1/3 compiled in 250 s")
+    assert later.getvalue() == "sdsecure: unet piece 1/3 compiled in 250 s\n"
+
+
 def test_a_long_compile_is_announced_on_stderr_without_verbose(tmp_path, capsys, monkeypatch, restored_logging):
     """The CLI shows the engine's progress log by default: each graph whose compile outlasts the notice
     delay (0 s here, so that MAX's cached compile of the embedded model counts) is announced and timed."""

@@ -79,6 +79,22 @@ def run(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None 
         return EXIT_ERROR
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a message comes, not to the one there when it was made
+    (a test's captured stream, since closed; a GUI that redirects it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def setup_logging(verbosity: int = 0, *, quiet: bool = False) -> None:
     """Logs go to stderr (stdout stays for reports): warnings by default, -v info, -vv debug."""
     if quiet:
@@ -91,7 +107,7 @@ def setup_logging(verbosity: int = 0, *, quiet: bool = False) -> None:
     for h in list(root.handlers):
         if getattr(h, "_sdsecure", False):
             root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     handler._sdsecure = True  # type: ignore[attr-defined]
     root.addHandler(handler)
@@ -106,7 +122,7 @@ def show_progress(*, quiet: bool = False) -> None:
     for h in list(progress.handlers):
         if getattr(h, "_sdsecure", False):
             progress.removeHandler(h)
-    shown = logging.StreamHandler(sys.stderr)
+    shown = _StderrHandler()
     shown.setFormatter(logging.Formatter("sdsecure: %(message)s"))
     shown._sdsecure = True  # type: ignore[attr-defined]
     progress.addHandler(shown)
