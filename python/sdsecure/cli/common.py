@@ -95,6 +95,19 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+def _log_to_stderr(logger: logging.Logger, fmt: str, level: int) -> None:
+    """`logger` writes to stderr in `fmt` from `level` on, through one handler of ours (replacing the one a
+    previous call installed)."""
+    for h in list(logger.handlers):
+        if getattr(h, "_sdsecure", False):
+            logger.removeHandler(h)
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter(fmt))
+    handler._sdsecure = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.setLevel(level)
+
+
 def setup_logging(verbosity: int = 0, *, quiet: bool = False) -> None:
     """Logs go to stderr (stdout stays for reports): warnings by default, -v info, -vv debug."""
     if quiet:
@@ -103,15 +116,7 @@ def setup_logging(verbosity: int = 0, *, quiet: bool = False) -> None:
         level = logging.DEBUG
     else:
         level = logging.INFO if verbosity == 1 else logging.WARNING
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if getattr(h, "_sdsecure", False):
-            root.removeHandler(h)
-    handler = _StderrHandler()
-    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-    handler._sdsecure = True  # type: ignore[attr-defined]
-    root.addHandler(handler)
-    root.setLevel(level)
+    _log_to_stderr(logging.getLogger(), "%(levelname)s %(name)s: %(message)s", level)
     show_progress(quiet=quiet)
 
 
@@ -119,14 +124,7 @@ def show_progress(*, quiet: bool = False) -> None:
     """Progress on long work (the engine's "sdsecure.progress" log: a cold compile takes minutes) goes to
     stderr as plain "sdsecure:" lines, whatever the log level, unless `quiet`."""
     progress = logging.getLogger("sdsecure.progress")
-    for h in list(progress.handlers):
-        if getattr(h, "_sdsecure", False):
-            progress.removeHandler(h)
-    shown = _StderrHandler()
-    shown.setFormatter(logging.Formatter("sdsecure: %(message)s"))
-    shown._sdsecure = True  # type: ignore[attr-defined]
-    progress.addHandler(shown)
-    progress.setLevel(logging.ERROR if quiet else logging.INFO)
+    _log_to_stderr(progress, "sdsecure: %(message)s", logging.ERROR if quiet else logging.INFO)
     progress.propagate = False
 
 
