@@ -146,10 +146,10 @@ def test_a_compile_still_running_after_the_notice_delay_is_announced_and_timed(p
                                                                             monkeypatch) -> None:
     monkeypatch.setattr(runtime, "COMPILE_NOTICE_S", 0.05)
     with runtime.compile_notice("unet piece 2/3"):
-        time.sleep(0.3)
+        time.sleep(1.2)                  # ample time for the notice, even on a busy machine
     assert len(progress_messages) == 2, progress_messages
     assert progress_messages[0].startswith("compiling unet piece 2/3 with MAX: a cold compile takes minutes")
-    assert progress_messages[1] == "unet piece 2/3 compiled in 0 s"
+    assert progress_messages[1] in ("unet piece 2/3 compiled in 1 s", "unet piece 2/3 compiled in 2 s")
 
 
 def test_a_compile_done_before_the_notice_delay_says_nothing(progress_messages, monkeypatch) -> None:
