@@ -63,17 +63,6 @@ def aligned(a: np.ndarray, alignment: int = 64) -> np.ndarray:
     return out
 
 
-def timed(model, inputs, repeat: int) -> float:
-    for _ in range(3):
-        model.execute(*inputs)
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        model.execute(*inputs)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def chain(m: int, k: int, n: int) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
     """An input and LAYERS weights that alternate [k, n] and [n, k]: each matmul needs the previous one,
     as in a network, so no two of them can run at the same time. Also the float64 result. The same for

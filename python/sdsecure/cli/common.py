@@ -83,9 +83,6 @@ class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is when a message comes, not to the one there when it was made
     (a test's captured stream, since closed; a GUI that redirects it)."""
 
-    def __init__(self) -> None:
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stderr
