@@ -94,6 +94,7 @@ def child(args: argparse.Namespace) -> None:
     from sdsecure.engine import create_session
     from sdsecure.engine.fold import specialize
     from sdsecure.gate import load_unverified
+    from sdsecure.pipeline.sd15 import PACKED_MATMUL_COMPONENTS
 
     vm = load_unverified(str(args.model), progress=False)
     path = COMPONENT_FILES[args.component]
@@ -101,7 +102,9 @@ def child(args: argparse.Namespace) -> None:
     feeds = make_feeds(args.component, model, args.latent)
     shapes = {k: v.shape for k, v in feeds.items()}
     t_loaded = time.perf_counter()
-    extra = {"source": vm.source_digest(path)} if args.backend == "max" else {}
+    # MAX runs each component as the pipeline does
+    extra = {"source": vm.source_digest(path), "pack_matmuls": args.component in PACKED_MATMUL_COMPONENTS} \
+        if args.backend == "max" else {}
     sess = create_session(model, weights, shapes, backend=args.backend, name=args.component, **extra)
     t_ready = time.perf_counter()
     result: dict = {"load_s": t_loaded - t_start, "session_s": t_ready - t_loaded, "start_s": t_ready - t_start}

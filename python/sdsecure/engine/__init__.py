@@ -27,28 +27,30 @@ class Session(Protocol):
 
 
 def prepare(model, weights: Mapping[str, np.ndarray], input_shapes: Mapping[str, Sequence[int]], *,
-            name: str = ""):
+            name: str = "", pack_matmuls: bool = False):
     """MAX backend, first step of create_session: specialise and fold `model` to `input_shapes` and
     check that every node can be imported (UnsupportedOpError otherwise). Nothing is compiled, so a
-    pipeline can check all its models before compiling any; pass the result as `prepared=`."""
+    pipeline can check all its models before compiling any; pass the result as `prepared=`.
+    `pack_matmuls`: MatMul weights packed once (engine.packed_matmul), not by MAX on every call."""
     from sdsecure.engine.runtime import prepare_graph
 
-    return prepare_graph(model, weights, input_shapes, name=name)
+    return prepare_graph(model, weights, input_shapes, name=name, pack_matmuls=pack_matmuls)
 
 
 def create_session(model, weights: Mapping[str, np.ndarray], input_shapes: Mapping[str, Sequence[int]], *,
                    backend: str = "max", name: str = "", prepared=None, isolate: bool | None = None,
-                   source: str | None = None) -> Session:
+                   source: str | None = None, pack_matmuls: bool = False) -> Session:
     """A runnable session for `model` specialised to `input_shapes` (see the module docstring).
     MAX only: `prepared` is the result of prepare() for the same arguments (not folded again);
     `isolate` compiles in child processes, in pieces (None: when the model's own weights are large);
     `source` identifies the bytes `model` and `weights` came from (VerifiedModel.source_digest): with it,
-    an isolated session stores its build plan and a later one skips the build (engine.plan_cache)."""
+    an isolated session stores its build plan and a later one skips the build (engine.plan_cache);
+    `pack_matmuls` as for prepare()."""
     if backend == "max":
         from sdsecure.engine.runtime import MaxSession
 
         return MaxSession(model, weights, input_shapes, name=name, prepared=prepared, isolate=isolate,
-                          source=source)
+                          source=source, pack_matmuls=pack_matmuls)
     if backend in ("onnxruntime", "ort"):
         from sdsecure.engine.ort import OrtSession
 

@@ -16,6 +16,10 @@ converted by `ops/fused.py`.
 * WinogradConv3x3: Conv 3x3 (stride 1, pad 1) on an even-sized image with enough 2x2 output blocks and
   wide enough channels  =>  WinogradConv3x3(x, U[, bias]), U the Winograd F(2x2, 3x3) transform of the filter
   (engine.winograd: 16 multiplies per 2x2 block instead of 36).
+* PackedMatMul (only when asked for): MatMul of x [..., K] by a constant weight [K, N]  =>  PackedMatMul(x, P),
+  P the weight in the layout MAX's CPU matmul kernel works in (engine.packed_matmul: packed once here
+  instead of on every call), for the shapes a probe has shown MAX to multiply correctly that way. The
+  MatMuls of one x are packed together, as one weight, with one output each.
 * TapConv: Conv 3x3 (stride 1, pad 1) with few output pixels and a big filter  =>  TapConv(x, T[, bias]),
   one matmul per tap (engine.tap_conv): as fast as the direct conv there, and MAX need not repack the
   filter when it initialises the model (3.3 s for the full UNet's 4x4 level at 32x32 latents). An
@@ -37,7 +41,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from sdsecure.engine import tap_conv, winograd
+from sdsecure.engine import packed_matmul, tap_conv, winograd
 from sdsecure.engine.fold import FoldedGraph, TensorInfo
 from sdsecure.engine.ops import PRIVATE_DOMAIN as FUSED_DOMAIN
 
@@ -58,6 +62,8 @@ class _Index:
                 if i:
                     self.consumers.setdefault(i, []).append(n)
         self.outputs = {folded.resolve(o) for o in folded.outputs}
+        self.position = {id(n): i for i, n in enumerate(folded.nodes)}
+        self.packed_ok: set[tuple[int, int, int]] = set()
 
     def only_consumer(self, name: str) -> onnx.NodeProto | None:
         users = self.consumers.get(name, [])
@@ -294,8 +300,55 @@ def _tap_conv(idx: _Index, conv: onnx.NodeProto) -> Match | None:
     return [conv], fused, {taps: out}, lambda: tap_conv.filters(w, out=out)
 
 
+def _matmul_group(idx: _Index, node: onnx.NodeProto) -> tuple[list[onnx.NodeProto], tuple[int, int, int]] | None:
+    """The MatMuls that read the input x of MatMul `node` (in node order, `node` among them) and the
+    (M, K, N) of their weights side by side, when each is a float32 MatMul of x [..., K] by a constant
+    [K, N_i] and that shape could take a packed weight; None otherwise.
+
+    The group is packed as one weight: MAX merges MatMuls that share their input (attention's q, k and v)
+    into one on their weights joined side by side, and separately packed weights joined side by side are
+    not the joined weight's packed layout."""
+    if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+        return None
+    x = node.input[0]
+    info = idx.folded.infos.get(x)
+    if info is None or info.dtype != np.float32 or len(info.shape) < 2 or idx.const(x) is not None:
+        return None
+    group = list({id(c): c for c in idx.consumers.get(x, []) if c.op_type == "MatMul"}.values())
+    k = info.shape[-1]
+    for mm in group:
+        w = idx.const(mm.input[1]) if len(mm.input) == 2 else None
+        if mm.domain not in ("", "ai.onnx") or mm.input[0] != x or w is None or w.ndim != 2 \
+                or w.dtype != np.float32 or w.shape[0] != k:
+            return None
+    group.sort(key=lambda mm: idx.position[id(mm)])
+    shape = (int(np.prod(info.shape[:-1])), int(k), sum(int(idx.const(mm.input[1]).shape[1]) for mm in group))
+    return (group, shape) if packed_matmul.candidate(*shape, np.dtype(np.float32)) else None
+
+
+def _packed_matmul(idx: _Index, node: onnx.NodeProto) -> Match | None:
+    found = _matmul_group(idx, node)
+    if found is None or found[0][0] is not node or found[1] not in idx.packed_ok:
+        return None
+    group, (_, k, n) = found
+    ws = [idx.const(mm.input[1]) for mm in group]
+    name = node.name or node.output[0]
+    packed = f"{name}::packed"
+    attrs = {"splits": [int(w.shape[1]) for w in ws]} if len(group) > 1 else {}
+    fused = helper.make_node("PackedMatMul", [node.input[0], packed], [mm.output[0] for mm in group], name=name,
+                             domain=FUSED_DOMAIN, **attrs)
+    out = packed_matmul.aligned_empty((k, n))
+
+    def fill() -> None:
+        packed_matmul.pack(ws[0] if len(ws) == 1 else np.concatenate(ws, axis=1), out=out)
+
+    # the fused node takes the place of the last node matched: here the group's first, where x is defined
+    # and none of the group's outputs is read yet
+    return group[1:] + [group[0]], fused, {packed: out}, fill
+
+
 # in node order, first match wins: an upsampler's Conv goes to _upsample_conv (its Resize comes first)
-REWRITES = (_group_norm, _upsample_conv, _winograd_conv, _tap_conv)
+REWRITES = (_group_norm, _upsample_conv, _winograd_conv, _tap_conv, _packed_matmul)
 
 
 def _empty(shape: tuple[int, ...]) -> np.ndarray:
@@ -321,9 +374,14 @@ def _filler() -> ThreadPoolExecutor:
     return _FILLER
 
 
-def fuse(folded: FoldedGraph) -> FoldedGraph:
-    """Apply every rewrite; returns `folded` changed in place (nodes, consts, infos)."""
+def fuse(folded: FoldedGraph, *, pack_matmuls: bool = False) -> FoldedGraph:
+    """Apply every rewrite (PackedMatMul only with `pack_matmuls`); returns `folded` changed in place
+    (nodes, consts, infos)."""
     idx = _Index(folded)
+    if pack_matmuls:
+        # which MatMul shapes MAX multiplies correctly with a packed weight (a probe compile the first time)
+        idx.packed_ok = packed_matmul.verified({g[1] for n in folded.nodes
+                                                if (g := _matmul_group(idx, n)) and g[0][0] is n})
     replaced: dict[int, onnx.NodeProto | None] = {}
     fills: list[tuple[list[str], Callable[[], object]]] = []
     for node in folded.nodes:

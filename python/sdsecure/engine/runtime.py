@@ -102,10 +102,12 @@ class CompileStats:
 
 
 def prepare_graph(model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
-                  input_shapes: Mapping[str, Sequence[int]], *, name: str = "") -> FoldedGraph:
+                  input_shapes: Mapping[str, Sequence[int]], *, name: str = "",
+                  pack_matmuls: bool = False) -> FoldedGraph:
     """Specialise, fold and fuse; raise UnsupportedOpError before anything is built or compiled. The
     filters that fuse derives are still being computed when this returns (see FoldedGraph.wait_filled)."""
-    folded = fuse(specialize(model, weights, input_shapes, name=name or model.graph.name or "model"))
+    folded = fuse(specialize(model, weights, input_shapes, name=name or model.graph.name or "model"),
+                  pack_matmuls=pack_matmuls)
     check_supported(folded)
     return folded
 
@@ -121,24 +123,27 @@ class _Piece:
 class MaxSession:
     def __init__(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
                  input_shapes: Mapping[str, Sequence[int]], *, name: str = "", device: str = "cpu",
-                 prepared: FoldedGraph | None = None, isolate: bool | None = None, source: str | None = None):
+                 prepared: FoldedGraph | None = None, isolate: bool | None = None, source: str | None = None,
+                 pack_matmuls: bool = False):
         # MAX's MLIR context is thread-local and entered only on the thread that imported max.graph;
         # streamlit runs each script run on another thread, where building a graph then fails with
         # "No active MLIR context". MAX's own helper enters its default context when none is active.
         from max._mlir_context import ensure_default_mlir_context
 
         with ensure_default_mlir_context():
-            self._load(model, weights, input_shapes, name, device, prepared, isolate, source)
+            self._load(model, weights, input_shapes, name, device, prepared, isolate, source, pack_matmuls)
 
     def _load(self, model: onnx.ModelProto, weights: Mapping[str, np.ndarray],
               input_shapes: Mapping[str, Sequence[int]], name: str, device: str,
-              prepared: FoldedGraph | None, isolate: bool | None, source: str | None) -> None:
+              prepared: FoldedGraph | None, isolate: bool | None, source: str | None,
+              pack_matmuls: bool = False) -> None:
         from max.graph import DeviceRef
 
         self.name = name or model.graph.name or "model"
         self.stats = CompileStats()
         t0 = time.perf_counter()
-        folded = prepared if prepared is not None else prepare_graph(model, weights, input_shapes, name=self.name)
+        folded = prepared if prepared is not None else prepare_graph(model, weights, input_shapes, name=self.name,
+                                                                     pack_matmuls=pack_matmuls)
         self._folded: FoldedGraph = folded
         self.input_names = list(folded.inputs)
         self.output_names = list(folded.outputs)

@@ -34,6 +34,10 @@ SIDE_MULTIPLE = 64             # 8 (VAE) x 2^3 (UNet down-sampling)
 MAX_STEPS = 1000
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 TOKENIZER_FILES = ("tokenizer/vocab.json", "tokenizer/merges.txt")
+# Components whose MatMul weights are packed once (engine.packed_matmul). Measured on the full-size export,
+# 2 cores: the text encoder ran 0.130-0.140 s against 0.147-0.150 s; the UNet step 2.5-4% slower packed,
+# so it is left to MAX; the VAE decoder has no MatMul that qualifies.
+PACKED_MATMUL_COMPONENTS = frozenset({"text_encoder"})
 
 ProgressFn = Callable[[int, int], None]
 Progress = Union[ProgressFn, bool, None]
@@ -226,7 +230,8 @@ class StableDiffusion15:
         if backend == "max":                # every component checked before any (minutes-long) compile
             from sdsecure.engine.runtime import ISOLATE_MIN_WEIGHT_BYTES, weight_bytes
 
-            prepared = {c: prepare(protos[c], weights[c], self.input_shapes[c], name=c) for c in protos}
+            prepared = {c: prepare(protos[c], weights[c], self.input_shapes[c], name=c,
+                                   pack_matmuls=c in PACKED_MATMUL_COMPONENTS) for c in protos}
             # Once this process holds a large model's weights, no compile may run in it: MAX keeps the
             # compiler's memory (GBs, even for the VAE) until the process ends. So all components
             # compile in child processes, or none.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from max.graph import ops
 
-from sdsecure.engine import tap_conv, winograd
+from sdsecure.engine import packed_matmul, tap_conv, winograd
 from sdsecure.engine.ops import PRIVATE_DOMAIN, Node, register
 from sdsecure.engine.ops.nn import group_norm as _group_norm, upsample_conv2x_nhwc
 
@@ -39,3 +39,11 @@ def tap_conv_op(n: Node, x, taps, bias=None, *, kernel_shape, pads):
     y = tap_conv.conv_nhwc(ops.permute(n.t(x), [0, 2, 3, 1]), n._emitter.tensor(taps, weight=True),
                            kernel_shape, pads, None if bias is None else n.t(bias))
     return ops.permute(y, [0, 3, 1, 2])
+
+
+@register("PackedMatMul", domain=PRIVATE_DOMAIN)
+def packed_matmul_op(n: Node, x, packed, *, splits=None):
+    """MatMul of x [..., K] by a weight stored in MAX's packed matmul layout (engine.packed_matmul); with
+    `splits`, the weights of several MatMuls of x side by side, and one output per MatMul."""
+    y = packed_matmul.matmul(n.t(x), n._emitter.tensor(packed, weight=True))
+    return tuple(ops.split(y, [int(s) for s in splits], axis=-1)) if splits else y
