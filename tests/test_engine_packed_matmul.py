@@ -48,6 +48,14 @@ def test_the_probe_accepts_the_layout_max_multiplies_and_rejects_another() -> No
     assert packed_matmul.probe([(10, HIDDEN, 2 * PANEL)]) == {"10x256x128": False}
 
 
+def test_the_probe_runs_in_a_child_process_and_a_failed_child_means_plain_matmuls(monkeypatch, caplog) -> None:
+    assert packed_matmul._probe_in_child([(ROWS, HIDDEN, 2 * PANEL)]) == {"128x256x128": True}
+    monkeypatch.setattr(packed_matmul.sys, "executable", "/bin/false")
+    with caplog.at_level("WARNING", logger="sdsecure.engine.packed_matmul"):
+        assert packed_matmul._probe_in_child([(ROWS, HIDDEN, 2 * PANEL)]) is None
+    assert "packed matmul probe failed (" in caplog.text
+
+
 def test_verdicts_are_probed_once_per_machine_and_then_read_from_the_cache(tmp_path, monkeypatch) -> None:
     calls = []
 
@@ -55,7 +63,7 @@ def test_verdicts_are_probed_once_per_machine_and_then_read_from_the_cache(tmp_p
         calls.append(list(shapes))
         return {packed_matmul._key(s): s[0] != 3 for s in shapes}
 
-    monkeypatch.setattr(packed_matmul, "probe", fake_probe)
+    monkeypatch.setattr(packed_matmul, "_probe_in_child", fake_probe)
     monkeypatch.setattr(packed_matmul, "_verdict_file", lambda: tmp_path / "packed-matmul.json")
     shapes = {(2, 256, 256), (3, 256, 256)}
     assert packed_matmul.verified(shapes) == {(2, 256, 256)}
@@ -70,6 +78,11 @@ def test_verdicts_are_probed_once_per_machine_and_then_read_from_the_cache(tmp_p
     packed_matmul.verified({(2, 256, 256)})
     assert calls[3:] == [[(2, 256, 256)]]
     assert json.loads((tmp_path / "packed-matmul.json").read_text())["shapes"] == {"2x256x256": True}
+    # a probe that could not run packs nothing, and is not remembered: the next session probes again
+    monkeypatch.setattr(packed_matmul, "_probe_in_child", lambda shapes: calls.append(list(shapes)))
+    assert packed_matmul.verified({(5, 256, 256)}) == set()
+    assert packed_matmul.verified({(5, 256, 256)}) == set()
+    assert calls[4:] == [[(5, 256, 256)], [(5, 256, 256)]]
 
 
 def _model(*, v_out: int = HIDDEN // 2, plain_sibling: bool = False, tokens: int = TOKENS):

@@ -75,14 +75,20 @@ def cached_mef(key: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment for a child `python -m sdsecure...` (which must find this package)."""
+    env = dict(os.environ)
+    package_root = str(Path(__file__).resolve().parents[2])   # the directory holding `sdsecure`
+    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    return env
+
+
 def compile_in_child(graph_text: str, key: str, *, label: str) -> tuple[Path, dict]:
     """Compile `graph_text` in a child process into the cache; returns the MEF path and the child's
     stats ({"peak_rss_mib", "compile_s"})."""
     directory = cache_dir()
     dst = directory / f"{key}.mef"
-    env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parents[2])   # the directory holding `sdsecure`
-    env["PYTHONPATH"] = package_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env = child_env()
     with tempfile.TemporaryDirectory(prefix="compile-", dir=directory) as tmp:
         src = Path(tmp) / "sdsecure_onnx.mlir"
         src.write_text(graph_text, encoding="utf-8")

@@ -11,7 +11,8 @@ The layout: K is cut into tiles of at most TILE_K rows; each tile holds N/64 pan
 after the other. MAX chooses its tiles at run time from M, K, N and the machine (here it lays B out
 otherwise for 10 or 32 rows, and this way for 128 to 2048), so a layout computed here is used only once
 a probe has shown that MAX multiplies it correctly for that (M, K, N) on this machine with this MAX: one
-small graph for all of a model's new shapes, its verdicts remembered in the cache. A shape that fails
+small graph for all of a model's new shapes, compiled and run in a child process (MAX keeps a compile's
+memory, about 1 GB, until the process ends), its verdicts remembered in the cache. A shape that fails
 the probe (or a probe that fails to run) keeps the plain MatMul.
 
 MAX 26.7's Python `TensorType` reads back only conv filter layouts (FilterLayout); `_MatmulLayout` and
@@ -24,6 +25,8 @@ import json
 import logging
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -174,14 +177,34 @@ def verified(shapes: set[tuple[int, int, int]]) -> set[tuple[int, int, int]]:
             path = None
         verdicts = _load_verdicts(path, machine) if path else {}
         new = sorted(s for s in shapes if _key(s) not in verdicts)
-        if new:
-            verdicts.update(probe(new))
+        found = _probe_in_child(new) if new else None
+        if found is not None:           # a probe that failed to run is tried again next time
+            verdicts.update(found)
             if path:
                 try:
                     _save_verdicts(path, machine, verdicts)
                 except OSError as e:
                     log.debug("packed matmul verdicts not saved: %s", e)
         return {s for s in shapes if verdicts.get(_key(s))}
+
+
+def _probe_in_child(shapes: list[tuple[int, int, int]]) -> dict[str, bool] | None:
+    """probe(shapes), run in a child process; None if the child fails."""
+    from sdsecure.engine.mef_cache import child_env
+    from sdsecure.engine.runtime import compile_notice
+
+    with compile_notice("the packed matmul probe"):
+        proc = subprocess.run([sys.executable, "-m", "sdsecure.engine.packed_matmul", *map(_key, shapes)],
+                              env=child_env(), capture_output=True, text=True, check=False)
+    try:
+        verdicts = json.loads(proc.stdout.strip().splitlines()[-1])
+        if proc.returncode != 0 or not isinstance(verdicts, dict) or set(verdicts) != set(map(_key, shapes)):
+            raise ValueError(f"exit {proc.returncode}")
+    except (ValueError, IndexError) as e:
+        tail = "\n".join((proc.stderr or "").strip().splitlines()[-5:])
+        log.warning("packed matmul probe failed (%s), using plain matmuls:\n%s", e, tail)
+        return None
+    return {k: v is True for k, v in verdicts.items()}
 
 
 def probe(shapes: list[tuple[int, int, int]], pack_fn=None) -> dict[str, bool]:
@@ -229,3 +252,14 @@ def aligned_empty(shape: tuple[int, ...]) -> np.ndarray:
     raw = np.empty(count * 4 + 64, np.uint8)
     start = -raw.ctypes.data % 64
     return raw[start:start + count * 4].view(np.float32).reshape(shape)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m sdsecure.engine.packed_matmul 154x768x768 ...`: print the probe's verdicts as JSON."""
+    shapes = [tuple(int(d) for d in arg.split("x")) for arg in argv]
+    print(json.dumps(probe([s for s in shapes if len(s) == 3])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
