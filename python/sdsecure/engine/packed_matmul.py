@@ -2,10 +2,10 @@
 
 MAX 26.7's CPU matmul copies panels of B into its working layout on every call; onnxruntime packs its
 weights once, when the session is created. MAX's built-in matmul also takes a B that is already in that
-layout: a weight whose tensor type carries the layout attribute "KNkni". It stays MAX's own op, so MAX
-still fuses the bias add, the activation and the residual add into it (a custom op would lose those).
-Measured on 2 cores, [154,768]x[768,3072]: 217 GFLOP/s against 192-197 unpacked; the full-size text
-encoder 0.129 s against 0.142-0.145 s.
+layout: a weight whose tensor type carries the layout attribute "KNkni". It stays MAX's own op, which
+the graph compiler treats as any matmul (the custom ops in benchmarks/packed_matmul lost MAX's fusions
+and ran slower). Measured on 2 cores, [154,768]x[768,3072]: 217 GFLOP/s against 192-197 unpacked; the
+full-size text encoder 0.127-0.140 s against 0.140-0.150 s, in alternating processes.
 
 The layout: K is cut into tiles of at most TILE_K rows; each tile holds N/64 panels of [rows, 64], one
 after the other. MAX chooses its tiles at run time from M, K, N and the machine (here it lays B out
