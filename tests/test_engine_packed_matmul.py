@@ -56,6 +56,13 @@ def test_the_probe_runs_in_a_child_process_and_a_failed_child_means_plain_matmul
     assert "packed matmul probe failed (" in caplog.text
 
 
+def test_a_probe_that_max_or_packing_cannot_run_is_a_failed_child_not_a_verdict(caplog) -> None:
+    # N = 100 is not a whole number of 64-column panels: packing raises in the child, which exits non-zero
+    with caplog.at_level("WARNING", logger="sdsecure.engine.packed_matmul"):
+        assert packed_matmul._probe_in_child([(ROWS, HIDDEN, 100)]) is None
+    assert "exit 1" in caplog.text
+
+
 def test_verdicts_are_probed_once_per_machine_and_then_read_from_the_cache(tmp_path, monkeypatch) -> None:
     calls = []
 

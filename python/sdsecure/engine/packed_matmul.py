@@ -154,9 +154,13 @@ def _load_verdicts(path: Path, machine: str) -> dict[str, bool]:
 
 def _save_verdicts(path: Path, machine: str, verdicts: dict[str, bool]) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".packed-matmul.")
-    with os.fdopen(fd, "w") as f:
-        json.dump({"machine": machine, "shapes": verdicts}, f, indent=0, sort_keys=True)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump({"machine": machine, "shapes": verdicts}, f, indent=0, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
 
 
 def _key(shape: tuple[int, int, int]) -> str:
@@ -197,9 +201,11 @@ def _probe_in_child(shapes: list[tuple[int, int, int]]) -> dict[str, bool] | Non
         proc = subprocess.run([sys.executable, "-m", "sdsecure.engine.packed_matmul", *map(_key, shapes)],
                               env=child_env(), capture_output=True, text=True, check=False)
     try:
-        verdicts = json.loads(proc.stdout.strip().splitlines()[-1])
-        if proc.returncode != 0 or not isinstance(verdicts, dict) or set(verdicts) != set(map(_key, shapes)):
+        if proc.returncode != 0:
             raise ValueError(f"exit {proc.returncode}")
+        verdicts = json.loads(proc.stdout.strip().splitlines()[-1])
+        if not isinstance(verdicts, dict) or set(verdicts) != set(map(_key, shapes)):
+            raise ValueError(f"unexpected output {proc.stdout[-200:]!r}")
     except (ValueError, IndexError) as e:
         tail = "\n".join((proc.stderr or "").strip().splitlines()[-5:])
         log.warning("packed matmul probe failed (%s), using plain matmuls:\n%s", e, tail)
@@ -209,7 +215,8 @@ def _probe_in_child(shapes: list[tuple[int, int, int]]) -> dict[str, bool] | Non
 
 def probe(shapes: list[tuple[int, int, int]], pack_fn=None) -> dict[str, bool]:
     """Multiply random [m, k] x [k, n] on MAX with the weight packed by `pack_fn` (default: pack) and
-    compare with numpy: {"MxKxN": correct}. All False if MAX fails to build or run the probe."""
+    compare with numpy: {"MxKxN": correct}. MAX's errors propagate: the child running this then fails,
+    and _probe_in_child reports a probe that could not run (not remembered, unlike a wrong result)."""
     from max._mlir_context import ensure_default_mlir_context
     from max.driver import CPU, Buffer
     from max.dtype import DType
@@ -221,22 +228,18 @@ def probe(shapes: list[tuple[int, int, int]], pack_fn=None) -> dict[str, bool]:
     dev = DeviceRef.CPU()
     xs = [rng.standard_normal((m, k)).astype(np.float32) for m, k, _ in shapes]
     ws = [rng.standard_normal((k, n)).astype(np.float32) for _, k, n in shapes]
-    try:
-        with ensure_default_mlir_context():
-            name = "sdsecure_packed_probe_" + "_".join(_key(s) for s in shapes)
-            with Graph(name, input_types=[TensorType(DType.float32, list(x.shape), dev) for x in xs]) as g:
-                outs = []
-                for i, (x, w) in enumerate(zip(g.inputs, ws)):
-                    weight = g.add_weight(Weight(f"w{i}", DType.float32, list(w.shape), dev))
-                    outs.append(matmul(x.tensor, weight))
-                g.output(*outs)
-            session = InferenceSession(devices=[CPU()])
-            registry = {f"w{i}": pack_fn(w, out=aligned_empty(w.shape)) for i, w in enumerate(ws)}
-            results = session.load(g, weights_registry=registry).execute(*[Buffer.from_numpy(x) for x in xs])
-            got = [r.to_numpy() for r in results]
-    except Exception as e:  # noqa: BLE001  (whatever stops MAX from building or running it: keep plain MatMuls)
-        log.warning("packed matmul probe failed, using plain matmuls: %s", e)
-        return {_key(s): False for s in shapes}
+    with ensure_default_mlir_context():
+        name = "sdsecure_packed_probe_" + "_".join(_key(s) for s in shapes)
+        with Graph(name, input_types=[TensorType(DType.float32, list(x.shape), dev) for x in xs]) as g:
+            outs = []
+            for i, (x, w) in enumerate(zip(g.inputs, ws)):
+                weight = g.add_weight(Weight(f"w{i}", DType.float32, list(w.shape), dev))
+                outs.append(matmul(x.tensor, weight))
+            g.output(*outs)
+        session = InferenceSession(devices=[CPU()])
+        registry = {f"w{i}": pack_fn(w, out=aligned_empty(w.shape)) for i, w in enumerate(ws)}
+        results = session.load(g, weights_registry=registry).execute(*[Buffer.from_numpy(x) for x in xs])
+        got = [r.to_numpy() for r in results]
     verdicts = {}
     for s, x, w, y in zip(shapes, xs, ws, got):
         ref = x.astype(np.float64) @ w.astype(np.float64)
